@@ -1,0 +1,5 @@
+"""medformer core: hookspecs, plugin manager, registries, data contracts, model and engine."""
+
+from medformer_core.hookspecs import hookimpl
+
+__all__ = ["hookimpl"]
