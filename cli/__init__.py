@@ -1,0 +1,1 @@
+"""The `medformer` command line (Typer)."""
