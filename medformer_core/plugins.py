@@ -114,8 +114,8 @@ def plugin_manager() -> tuple[pluggy.PluginManager, tuple[Provider, ...], tuple[
 
 def _call_register_hook(hook, registry_for, providers, broken) -> None:
     by_plugin = {p.plugin: p for p in providers}
-    for impl in reversed(hook.get_hookimpls()):  # registration order: built-ins first
-        provider = by_plugin[impl.plugin_name]
+    for impl in hook.get_hookimpls():  # registration order: built-ins first
+        provider = by_plugin.get(impl.plugin_name) or Provider(impl.plugin_name, "(registered at runtime)", "-")
 
         def register(obj, provider=provider):
             registry_for(obj).add(obj, provider)

@@ -97,6 +97,12 @@ class Phantoms(DatasetFactory):
         kind = "images" if spatial_dims == 2 else "volumes"
         self.description = f"Synthetic {spatial_dims}D phantom {kind} (4 shape classes), generated offline by seed"
 
+    def renamed(self, name: str) -> "Phantoms":
+        """A copy registered under another name (for plugins that ship phantom variants)."""
+        copy = Phantoms(self.dims, self.defaults)
+        copy.name = name
+        return copy
+
     def _settings(self, options: DatasetOptions) -> dict[str, int]:
         settings = parse_settings(options.argument, self.defaults, self.name)
         if options.size is not None:
