@@ -1,0 +1,1 @@
+"""medformer kernels: Triton fused attention and patch embedding beside torch references."""
