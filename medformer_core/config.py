@@ -1,0 +1,116 @@
+"""Run configuration: defaults, then a TOML file, then command-line options; written back resolved."""
+
+import difflib
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from medformer_core.errors import UsageError
+
+DEFAULT_TASKS = ("mae", "mae3d", "rotation", "contrastive")
+DEFAULT_DATASETS = ("phantoms2d", "phantoms3d")
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a pretraining run. Names match the CLI options and the TOML keys."""
+
+    plugins: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS))
+    datasets: list[str] = field(default_factory=lambda: list(DEFAULT_DATASETS))
+    data_root: str | None = None
+    model: str = "tiny"
+    steps: int = 120
+    epochs: float | None = None  # when set, overrides `steps`: epochs over the summed train splits
+    batch_size: int = 32
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.01
+    weight_decay: float = 0.05
+    warmup_steps: int = 10
+    grad_clip: float = 1.0
+    accumulate: int = 1
+    weighting: str = "fixed"
+    task_weights: dict[str, float] = field(default_factory=dict)
+    tasks: dict[str, dict] = field(default_factory=dict)  # per-task options, e.g. {"mae": {"mask_ratio": 0.8}}
+    temperature: float = 2.0  # dataset sampling: p ~ size ** (1 / temperature)
+    augment: bool = True
+    seed: int = 0
+    device: str = "auto"
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    picture_every: int = 100
+    log_every: int = 10
+    tensorboard: bool = False
+
+    def validate(self) -> "RunConfig":
+        positive = ("steps", "batch_size", "accumulate", "checkpoint_every", "picture_every", "log_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise UsageError(f"option '{name}' must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0 or self.temperature <= 0:
+            raise UsageError("options 'lr' and 'temperature' must be > 0")
+        if self.epochs is not None and self.epochs <= 0:
+            raise UsageError(f"option 'epochs' must be > 0, got {self.epochs}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise UsageError(f"option 'device' must be auto, cpu or cuda[:N], got '{self.device}'")
+        if not self.plugins:
+            raise UsageError("no pretext task selected", hint="pass --plugin NAME (see `medformer plugins list`)")
+        if not self.datasets:
+            raise UsageError("no dataset selected", hint="pass --dataset NAME (see `medformer datasets list`)")
+        return self
+
+
+def load_config(path: Path | None, overrides: dict) -> RunConfig:
+    """Defaults <- TOML file at `path` <- `overrides` (None values are ignored)."""
+    values: dict = {}
+    if path is not None:
+        values.update(_read_toml(path))
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return RunConfig(**values).validate()
+
+
+def _read_toml(path: Path) -> dict:
+    if not path.is_file():
+        raise UsageError(f"config file {path} does not exist")
+    try:
+        values = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"config file {path} is not valid TOML: {exc}") from None
+    known = [f.name for f in fields(RunConfig)]
+    for key in values:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(known)}"
+            raise UsageError(f"config file {path}: unknown key '{key}'", hint=hint)
+    return values
+
+
+def write_config(config: RunConfig, path: Path) -> None:
+    """Write the resolved config as TOML (scalars and lists first, then tables)."""
+    values = {k: v for k, v in asdict(config).items() if v is not None}
+    lines = [f"{k} = {_toml_value(v)}" for k, v in values.items() if not isinstance(v, dict)]
+    for key, table in values.items():
+        if not isinstance(table, dict) or not table:
+            continue
+        nested = all(isinstance(v, dict) for v in table.values())
+        if nested:
+            for name, sub in table.items():
+                lines += ["", f"[{key}.{_toml_key(name)}]"] + [f"{k} = {_toml_value(v)}" for k, v in sub.items()]
+        else:
+            lines += ["", f"[{key}]"] + [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in table.items()]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _toml_key(key: str) -> str:
+    return key if key.replace("_", "").replace("-", "").isalnum() else f'"{key}"'
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
