@@ -35,3 +35,7 @@ class DataError(MedformerError):
 
 class CheckpointError(MedformerError):
     """A checkpoint or weights file that cannot be loaded."""
+
+
+class TrainingError(MedformerError):
+    """Training cannot go on (a non-finite loss); the last good checkpoint stays valid."""
