@@ -5,7 +5,7 @@ import sys
 import typer
 from rich.markup import escape
 
-from medformer_cli import plugins_cmd
+from medformer_cli import datasets_cmd, plugins_cmd
 from medformer_cli.console import err
 from medformer_core.errors import MedformerError
 from medformer_core.plugins import _own_version, plugin_manager
@@ -33,6 +33,7 @@ def build_app() -> typer.Typer:
         """medformer: multitask self-supervised pretraining for 2D and 3D medical images."""
 
     app.add_typer(plugins_cmd.app, name="plugins")
+    app.add_typer(datasets_cmd.app, name="datasets")
     pm, _, _ = plugin_manager()
     pm.hook.register_commands(app=app)
     return app

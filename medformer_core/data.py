@@ -18,7 +18,7 @@ class DatasetOptions:
     size: int | None = None  # spatial size the model wants; None keeps the native size
     seed: int = 0
     labeled: bool = True
-    label_fraction: float = 1.0
+    label_fraction: float = 1.0  # keep a stratified, seeded fraction of the labeled train split
     verify_md5: bool = False
     extra: dict = field(default_factory=dict)
 
@@ -45,13 +45,16 @@ class DatasetInfo:
 class ImageSplit:
     """One split held as arrays, so a batch is one index operation (fast, works with np.memmap).
 
-    images: [N, C, *S] uint8 (scaled to [0, 1] on batching) or float32 already in [0, 1]
+    images: [M, C, *S] uint8 (scaled to [0, 1] on batching) or float32 already in [0, 1]
     labels: [N, L] int64 (class index, or 0/1 per column for multi-label) or None (unlabeled)
+    index:  [N] sorted rows of `images` this split holds (a subset of a memory-mapped file without
+            copying it); None holds every row. `len(split)` is N; labels align with the split.
     """
 
     info: DatasetInfo
     images: np.ndarray
     labels: np.ndarray | None = None
+    index: np.ndarray | None = None
 
     def __post_init__(self):
         expected = 2 + self.info.spatial_dims
@@ -60,18 +63,53 @@ class ImageSplit:
                 f"{self.info.name}: images have shape {tuple(self.images.shape)}, expected "
                 f"{expected} dims [N, C, *S]"
             )
-        if self.labels is not None and len(self.labels) != len(self.images):
-            raise ValueError(f"{self.info.name}: {len(self.labels)} labels for {len(self.images)} images")
+        if self.labels is not None and len(self.labels) != len(self):
+            raise ValueError(f"{self.info.name}: {len(self.labels)} labels for {len(self)} images")
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.images) if self.index is None else len(self.index)
 
     def batch(self, indices) -> dict:
         """Gather `indices` into a batch dict: image [B, C, *S] float32 in [0, 1], label [B, L]."""
         indices = np.sort(np.asarray(indices))  # sorted reads are faster on memory-mapped files
-        images = torch.from_numpy(np.ascontiguousarray(self.images[indices]))
+        rows = indices if self.index is None else self.index[indices]
+        images = torch.from_numpy(np.ascontiguousarray(self.images[rows]))
         image = images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
         batch = {"image": image, "dataset": self.info.name, "spatial_dims": self.info.spatial_dims}
         if self.labels is not None:
             batch["label"] = torch.from_numpy(np.ascontiguousarray(self.labels[indices])).long()
         return batch
+
+    def subset(self, positions: np.ndarray) -> "ImageSplit":
+        """The samples at sorted `positions` of this split, sharing its image storage."""
+        positions = np.sort(np.asarray(positions, dtype=np.int64))
+        rows = positions if self.index is None else self.index[positions]
+        labels = None if self.labels is None else self.labels[positions]
+        return ImageSplit(self.info, self.images, labels, rows)
+
+
+def stratified_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Sorted positions of a seeded, class-stratified `fraction` of `labels` [N, L].
+
+    Single-label: each class keeps round(fraction * count) samples, at least one. Multi-label (L > 1):
+    samples are grouped by their rarest positive column (all-negative rows form one group).
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"label fraction must be in (0, 1], got {fraction}")
+    if fraction == 1.0:
+        return np.arange(len(labels))
+    groups = labels[:, 0] if labels.shape[1] == 1 else _rarest_positive(labels)
+    rng = np.random.default_rng(seed)
+    keep = []
+    for group in np.unique(groups):
+        members = np.flatnonzero(groups == group)
+        count = max(1, round(fraction * len(members)))
+        keep.append(rng.permutation(members)[:count])
+    return np.sort(np.concatenate(keep))
+
+
+def _rarest_positive(labels: np.ndarray) -> np.ndarray:
+    """For each row of a multi-label matrix [N, L], its positive column with the fewest positives (-1: none)."""
+    positives = labels.sum(axis=0)  # [L]
+    rarity = np.where(labels > 0, positives[None, :], np.iinfo(np.int64).max)  # [N, L]
+    return np.where(labels.any(axis=1), rarity.argmin(axis=1), -1)

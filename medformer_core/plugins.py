@@ -21,6 +21,7 @@ ENTRY_POINT_GROUP = "medformer"
 LOAD_PLUGINS_ENV = "MEDFORMER_LOAD_PLUGINS"
 BUILTIN_PLUGINS = (
     "medformer_plugins.phantoms",
+    "medformer_plugins.medmnist",
 )
 
 
