@@ -6,6 +6,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medformer_core.errors import UsageError
+
 TASK_TYPES = ("binary-class", "multi-class", "multi-label, binary-class", "ordinal-regression", "none")
 
 
@@ -95,7 +97,7 @@ def stratified_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndar
     samples are grouped by their rarest positive column (all-negative rows form one group).
     """
     if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"label fraction must be in (0, 1], got {fraction}")
+        raise UsageError(f"label fraction must be in (0, 1], got {fraction}")
     if fraction == 1.0:
         return np.arange(len(labels))
     groups = labels[:, 0] if labels.shape[1] == 1 else _rarest_positive(labels)

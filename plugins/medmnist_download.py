@@ -27,9 +27,10 @@ def source_url(variant: Variant, mirror: str | None = None) -> str:
 
 def download(variant: Variant, data_root: Path, *, force: bool = False, ignore_md5: bool = False,
              mirror: str | None = None, progress: Callable[[int, int | None], None] | None = None,
-             opener: Callable = urllib.request.urlopen) -> tuple[Path, bool]:
+             opener: Callable | None = None) -> tuple[Path, bool]:
     """Fetch `variant` into `data_root`; returns (path, downloaded). A present file with the right
-    MD5 is kept unless `force`. `ignore_md5` keeps a file whose MD5 differs (explicit override)."""
+    MD5 is kept unless `force`. `ignore_md5` keeps a file whose MD5 differs (explicit override).
+    `opener(url, timeout=...)` defaults to `urllib.request.urlopen`."""
     target = Path(data_root).expanduser() / variant.file_name
     if target.is_file() and not force and file_md5(target) == variant.md5:
         return target, False
@@ -41,7 +42,7 @@ def download(variant: Variant, data_root: Path, *, force: bool = False, ignore_m
     fd, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{variant.file_name}.", suffix=".part")
     try:
         with os.fdopen(fd, "wb") as out:
-            actual = _fetch(url, out, progress, opener)
+            actual = _fetch(url, out, progress, opener or urllib.request.urlopen)
         if actual != variant.md5 and not ignore_md5:
             raise DataError(f"{url}: downloaded MD5 {actual} differs from {variant.md5} (medmnist.INFO); nothing was saved",
                             hint="retry; pass --ignore-md5 to keep a file whose checksum differs")
