@@ -58,10 +58,12 @@ def check_attention(q, k, v, scale) -> None:
 class PatchGeometry:
     """How an input splits into patches, with 2D inputs seen as 3D with depth 1.
 
-    patch: (pd, ph, pw); grid: (gd, gh, gw) patches per axis; n_patches: gd*gh*gw;
-    k: C*pd*ph*pw, the length of one flattened patch (the GEMM's inner dimension); embed: E.
+    sizes: the patch per spatial axis of x (2 or 3 ints); patch: (pd, ph, pw); grid: (gd, gh, gw) patches
+    per axis; n_patches: gd*gh*gw; k: C*pd*ph*pw, the length of one flattened patch (the GEMM's inner
+    dimension); embed: E.
     """
 
+    sizes: tuple[int, ...]
     patch: tuple[int, int, int]
     grid: tuple[int, int, int]
     n_patches: int
@@ -70,7 +72,7 @@ class PatchGeometry:
 
 
 def _patch_tuple(patch, spatial_dims: int) -> tuple[int, ...]:
-    sizes = (patch,) * spatial_dims if isinstance(patch, int) else tuple(patch)
+    sizes = (patch,) * spatial_dims if isinstance(patch, int) else tuple(patch) if isinstance(patch, (tuple, list)) else ()
     if len(sizes) != spatial_dims or not all(isinstance(p, int) and not isinstance(p, bool) and p > 0 for p in sizes):
         _fail("patch_embed", f"patch must be a positive int or a tuple of {spatial_dims} positive ints, got {patch!r}")
     return sizes
@@ -116,4 +118,4 @@ def check_patch_embed(x, weight, bias, pos, patch, keep) -> PatchGeometry:
             _fail(op, f"keep has indices outside [0, {n_patches}) (the input has {n_patches} patches)")
     pd, ph, pw = (1, *sizes) if len(sizes) == 2 else sizes
     gd, gh, gw = (1, *grid) if len(grid) == 2 else grid
-    return PatchGeometry(patch=(pd, ph, pw), grid=(gd, gh, gw), n_patches=n_patches, k=c * pd * ph * pw, embed=e)
+    return PatchGeometry(sizes=sizes, patch=(pd, ph, pw), grid=(gd, gh, gw), n_patches=n_patches, k=c * pd * ph * pw, embed=e)

@@ -1,0 +1,236 @@
+"""Fused 2D/3D patch embedding in Triton: gather patches by index arithmetic, one GEMM, bias + pos epilogue.
+
+Row m of the token matrix is (sample b, token t); its patch n is t, or keep[b, t] with `keep`, so only
+the kept patches are ever read. Column k of a patch is (c, pd, ph, pw), the order of a Conv weight
+[E, C, *patch]. Both are turned into offsets in x straight from its strides (no im2col copy); 2D
+inputs are seen as 3D with depth 1. The backward computes dW with a second Triton kernel that gathers
+patches the same way (split over rows into fp32 partial sums, for parallelism when E*K is small);
+dbias, dpos and dx (only when x requires grad) use torch ops: sums, index_add and a reshape scatter.
+Reference: `medformer_kernels.reference.patch_embed_reference`; tests:
+tests/kernels/test_kernels_patch_embed.py; benchmark: `medformer bench patch-embed`.
+"""
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+from medformer_kernels.backend import interpret_enabled
+from medformer_kernels.checks import PatchGeometry
+from medformer_kernels.reference import unpatchify
+
+INTERPRETED = interpret_enabled()  # @triton.jit below reads TRITON_INTERPRET once, at import
+
+# (row block, embed block, patch-vector block, warps, pipeline stages) tried by the autotuner on a GPU.
+FWD_BLOCKS = [(128, 128, 32, 4, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (128, 128, 64, 8, 3), (64, 64, 64, 4, 3)]
+DW_BLOCKS = [(64, 64, 64, 4, 3), (128, 64, 64, 4, 3), (64, 128, 64, 8, 3), (128, 128, 32, 8, 3)]
+
+
+def _configs(blocks: list[tuple[int, int, int, int, int]]) -> list[triton.Config]:
+    """Autotune configs; a single small one under the interpreter, so CPU tests stay fast."""
+    if INTERPRETED:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_E": 16, "BLOCK_K": 16}, num_warps=1, num_stages=1)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_E": e, "BLOCK_K": k}, num_warps=w, num_stages=s)
+            for m, e, k, w, s in blocks]
+
+
+@triton.jit
+def _patch_rows(rows, row_ok, KEEP, skb, skt, N_TOK, GH, GW, sxb, sxd, sxh, sxw,
+                PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, HAS_KEEP: tl.constexpr):
+    """Token rows -> (patch index n, offset in x of the patch's first element), both [BM]."""
+    b = rows // N_TOK
+    t = rows % N_TOK
+    if HAS_KEEP:
+        n = tl.load(KEEP + b * skb + t * skt, mask=row_ok, other=0).to(tl.int32)
+    else:
+        n = t
+    gd = n // (GH * GW)
+    gh = (n // GW) % GH
+    gw = n % GW
+    base = (b.to(tl.int64) * sxb + (gd * PD).to(tl.int64) * sxd + (gh * PH).to(tl.int64) * sxh
+            + (gw * PW).to(tl.int64) * sxw)
+    return n, base
+
+
+@triton.jit
+def _patch_cols(ks, sxc, sxd, sxh, sxw, PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr):
+    """Patch-vector columns k = (c, pd, ph, pw) -> offset in x from the patch's first element, [BK]."""
+    c = ks // (PD * PH * PW)
+    r = ks % (PD * PH * PW)
+    return c.to(tl.int64) * sxc + (r // (PH * PW)) * sxd + ((r // PW) % PH) * sxh + (r % PW) * sxw
+
+
+@triton.autotune(configs=_configs(FWD_BLOCKS), key=["M", "E", "K_DIM"])
+@triton.jit
+def _patch_embed_fwd(X, W, BIAS, POS, KEEP, OUT,
+                     sxb, sxc, sxd, sxh, sxw, swe, swk, spn, spe, skb, skt,
+                     M, E, K_DIM, N_TOK, GH, GW,
+                     PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, HAS_KEEP: tl.constexpr,
+                     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Grid (row blocks, embed blocks). X: [B, C, D, H, W] (strides sx*), W: [E, K], OUT: contiguous [M, E]."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    es = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+    row_ok = rows < M
+    e_ok = es < E
+    n, base = _patch_rows(rows, row_ok, KEEP, skb, skt, N_TOK, GH, GW, sxb, sxd, sxh, sxw, PD, PH, PW, HAS_KEEP)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_E], tl.float32)
+    for k0 in range(0, K_DIM, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < K_DIM
+        cols = _patch_cols(ks, sxc, sxd, sxh, sxw, PD, PH, PW)
+        a = tl.load(X + base[:, None] + cols[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # [BM, BK]
+        w = tl.load(W + ks[:, None] * swk + es[None, :] * swe, mask=k_ok[:, None] & e_ok[None, :], other=0.0)  # [BK, BE]
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+
+    if HAS_BIAS:
+        acc += tl.load(BIAS + es, mask=e_ok, other=0.0).to(tl.float32)[None, :]
+    out_ok = row_ok[:, None] & e_ok[None, :]
+    if HAS_POS:
+        acc += tl.load(POS + n.to(tl.int64)[:, None] * spn + es[None, :] * spe, mask=out_ok, other=0.0).to(tl.float32)
+    tl.store(OUT + rows.to(tl.int64)[:, None] * E + es[None, :], acc.to(OUT.dtype.element_ty), mask=out_ok)
+
+
+@triton.autotune(configs=_configs(DW_BLOCKS), key=["M", "E", "K_DIM", "SPLITS"])
+@triton.jit
+def _patch_embed_dw(X, DOUT, KEEP, DW,
+                    sxb, sxc, sxd, sxh, sxw, sgm, sge, skb, skt,
+                    M, E, K_DIM, N_TOK, GH, GW, SPLITS,
+                    PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, HAS_KEEP: tl.constexpr,
+                    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Grid (embed blocks, patch-vector blocks, SPLITS). DW: [SPLITS, E, K] fp32, split s summing its own rows."""
+    es = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+    ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    split = tl.program_id(2)
+    e_ok = es < E
+    k_ok = ks < K_DIM
+    cols = _patch_cols(ks, sxc, sxd, sxh, sxw, PD, PH, PW)
+
+    acc = tl.zeros([BLOCK_E, BLOCK_K], tl.float32)
+    blocks_per_split = tl.cdiv(tl.cdiv(M, BLOCK_M), SPLITS)
+    for j in range(0, blocks_per_split):
+        rows = (split * blocks_per_split + j) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < M
+        n, base = _patch_rows(rows, row_ok, KEEP, skb, skt, N_TOK, GH, GW, sxb, sxd, sxh, sxw, PD, PH, PW, HAS_KEEP)
+        gt = tl.load(DOUT + rows.to(tl.int64)[None, :] * sgm + es[:, None] * sge,
+                     mask=e_ok[:, None] & row_ok[None, :], other=0.0)  # dOut^T: [BE, BM]
+        a = tl.load(X + base[:, None] + cols[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # [BM, BK]
+        acc = tl.dot(gt, a, acc, input_precision=PRECISION)
+
+    dw_ptrs = DW + split.to(tl.int64) * E * K_DIM + es[:, None] * K_DIM + ks[None, :]
+    tl.store(dw_ptrs, acc, mask=e_ok[:, None] & k_ok[None, :])
+
+
+def _on_device(t: torch.Tensor):
+    """Launch on t's GPU (Triton launches on the current device); nothing to do for CPU tensors."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """fp32 inputs multiply in full fp32 ("ieee", matching torch); fp16/bf16 ignore the setting."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _as_5d(x: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] -> [B, C, 1, H, W] (a view); 3D inputs unchanged."""
+    return x if x.dim() == 5 else x.unsqueeze(2)
+
+
+def _keep_args(keep: torch.Tensor | None, dummy: torch.Tensor) -> tuple:
+    """(tensor, stride_b, stride_t) for the kernel; an unread placeholder without keep."""
+    return (dummy, 0, 0) if keep is None else (keep, *keep.stride())
+
+
+def _splits(m: int, e: int, k: int, device: torch.device) -> int:
+    """How many row ranges the dW reduction is split into: enough programs to fill the GPU."""
+    if INTERPRETED or device.type != "cuda":
+        return min(2, triton.cdiv(m, 16))
+    tiles = triton.cdiv(e, 64) * triton.cdiv(k, 64)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(4 * sms // tiles, triton.cdiv(m, 256)))
+
+
+def patch_embed_forward(x, weight, bias, pos, keep, geo: PatchGeometry) -> torch.Tensor:
+    """x: [B, C, *S] -> tokens [B, T, E], T = N or n_keep; weight [E, C, *patch], bias [E], pos [N, E], keep [B, T]."""
+    x5 = _as_5d(x)
+    w2 = weight.reshape(geo.embed, geo.k)  # [E, K]
+    b = x.shape[0]
+    n_tok = geo.n_patches if keep is None else keep.shape[1]
+    m = b * n_tok
+    out = torch.empty((b, n_tok, geo.embed), dtype=x.dtype, device=x.device)
+    pos_t, spn, spe = (w2, 0, 0) if pos is None else (pos, *pos.stride())  # absent tensors: unread placeholders
+    keep_t, skb, skt = _keep_args(keep, w2)
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(geo.embed, meta["BLOCK_E"]))
+
+    with _on_device(x):
+        _patch_embed_fwd[grid](
+            x5, w2, w2 if bias is None else bias, pos_t, keep_t, out,
+            *x5.stride(), *w2.stride(), spn, spe, skb, skt,
+            m, geo.embed, geo.k, n_tok, geo.grid[1], geo.grid[2], *geo.patch,
+            HAS_BIAS=bias is not None, HAS_POS=pos is not None, HAS_KEEP=keep is not None,
+            PRECISION=_precision(x.dtype))
+    return out
+
+
+def patch_embed_weight_grad(x, dout, keep, geo: PatchGeometry) -> torch.Tensor:
+    """dW [E, K] (fp32) = dout^T @ patches, with patches gathered from x by index arithmetic. dout: [B, T, E]."""
+    x5 = _as_5d(x)
+    b, n_tok, e = dout.shape
+    m = b * n_tok
+    g = dout.reshape(m, e)  # [M, E]
+    splits = _splits(m, e, geo.k, x.device)
+    partial = torch.empty((splits, e, geo.k), dtype=torch.float32, device=x.device)
+
+    def grid(meta):
+        return (triton.cdiv(e, meta["BLOCK_E"]), triton.cdiv(geo.k, meta["BLOCK_K"]), splits)
+
+    keep_t, skb, skt = _keep_args(keep, g)
+    with _on_device(x):
+        _patch_embed_dw[grid](
+            x5, g, keep_t, partial, *x5.stride(), *g.stride(), skb, skt,
+            m, e, geo.k, n_tok, geo.grid[1], geo.grid[2], splits, *geo.patch,
+            HAS_KEEP=keep is not None, PRECISION=_precision(x.dtype))
+    return partial.sum(0)
+
+
+class FusedPatchEmbed(torch.autograd.Function):
+    """Autograd wrapper: saves x, weight and keep; dW by Triton, dbias/dpos/dx by torch ops."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, pos, keep, geo: PatchGeometry):
+        ctx.save_for_backward(x, weight, keep)
+        ctx.geo = geo
+        return patch_embed_forward(x, weight, bias, pos, keep, geo)
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, weight, keep = ctx.saved_tensors
+        geo = ctx.geo
+        need_x, need_w, need_bias, need_pos = ctx.needs_input_grad[:4]
+        e = geo.embed
+        dx = dw = dbias = dpos = None
+        if need_w:
+            dw = patch_embed_weight_grad(x, dout, keep, geo).to(weight.dtype).reshape(weight.shape)
+        if need_bias:
+            dbias = dout.sum((0, 1), dtype=torch.float32).to(dout.dtype)  # [E]
+        if need_pos and keep is None:
+            dpos = dout.sum(0, dtype=torch.float32).to(dout.dtype)  # [N, E]
+        elif need_pos:
+            dpos = torch.zeros((geo.n_patches, e), dtype=torch.float32, device=dout.device)
+            dpos = dpos.index_add_(0, keep.reshape(-1).long(), dout.reshape(-1, e).float()).to(dout.dtype)
+        if need_x:
+            dpatch = dout @ weight.reshape(e, geo.k)  # [B, T, K]
+            if keep is not None:
+                index = keep.long()[..., None].expand(-1, -1, geo.k)
+                dpatch = dpatch.new_zeros((x.shape[0], geo.n_patches, geo.k)).scatter_add_(1, index, dpatch)
+            dx = unpatchify(dpatch, tuple(x.shape), geo.sizes)
+        return dx, dw, dbias, dpos, None, None
+
+
+def patch_embed_triton(x, weight, bias, pos, geo: PatchGeometry, keep=None) -> torch.Tensor:
+    """Fused patch embedding with Triton (arguments already checked): x [B, C, *S] -> tokens [B, N or n_keep, E]."""
+    return FusedPatchEmbed.apply(x, weight, bias, pos, keep, geo)
