@@ -20,7 +20,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     check_attention(q, k, v, scale)
     if backend_for(q) == "torch":
         return attention_sdpa(q, k, v, scale)
-    from medformer_kernels import attention as triton_attention
+    from medformer_kernels import triton_attention
 
     require_built_for(q, triton_attention.INTERPRETED)
     return triton_attention.attention_triton(q, k, v, scale)
@@ -38,7 +38,7 @@ def patch_embed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     geo = check_patch_embed(x, weight, bias, pos, patch, keep)
     if backend_for(x) == "torch":
         return patch_embed_reference(x, weight, bias, pos, geo.sizes, keep)
-    from medformer_kernels import patch_embed as triton_patch_embed
+    from medformer_kernels import triton_patch_embed
 
     require_built_for(x, triton_patch_embed.INTERPRETED)
     return triton_patch_embed.patch_embed_triton(x, weight, bias, pos, geo, keep)
