@@ -5,10 +5,22 @@ accepts: `spatial_dims` (2 for images [B, C, H, W], 3 for volumes [B, C, D, H, W
 (None: any channel count).
 """
 
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from medformer_core.data import DatasetInfo, DatasetOptions, ImageSplit
+from medformer_core.errors import UsageError
+
+if TYPE_CHECKING:
+    import torch
+
+    from medformer_core.multitask import TaskContext
 
 
 class PluginObject(ABC):
@@ -41,30 +53,178 @@ class DatasetFactory(PluginObject):
 
 
 class InputAdapter(PluginObject):
-    """Turns an image or volume into tokens: `module(x: [B, C, *S], keep=None) -> [B, N, E]`."""
+    """Turns an image or volume into tokens: `module(x: [B, C, *S], keep=None) -> [B, N, E]`.
+
+    The module holds `patch_size` (a tuple, one entry per spatial axis); `keep` [B, n_keep] int64
+    selects which patches (row-major over the padded grid) to embed. The model shares one module
+    between the datasets of one modality (same adapter and channel count), so it should accept any
+    spatial size of at least one patch.
+    """
 
     kind = "input-adapter"
 
     @abstractmethod
     def build(self, *, channels: int, size: tuple[int, ...], embed_dim: int, patch: int):
-        """Return an `nn.Module` for inputs of `channels` channels and spatial `size`."""
+        """Return an `nn.Module` for inputs of `channels` channels (native spatial `size`)."""
 
 
 class OutputHead(PluginObject):
-    """Maps output-query features [B, Q, E] to a task's prediction."""
+    """Maps output-query features [B, Q, E] to a task's prediction.
+
+    `example_spec` is a spec its `build` accepts (the registry's smoke test builds every head with it).
+    """
 
     kind = "output-head"
+    example_spec: ClassVar[dict] = {}
 
     @abstractmethod
     def build(self, *, embed_dim: int, **spec):
         """Return an `nn.Module` for this head; `spec` comes from the pretext task."""
 
 
+@dataclass(frozen=True)
+class InputSpec:
+    """An input the model must embed: 2D or 3D, its channel count and native size."""
+
+    spatial_dims: int
+    channels: int
+    size: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """What a task needs from the Output Adaptformer for one dataset.
+
+    head:    a registered output head ("label", "dense", "embedding", or a plugin's).
+    queries: the number of learned queries, or "patches": one query per patch of the dataset's
+             grid, built from the position embeddings (dense outputs; the model then passes
+             `channels` and `patch_size` to the head).
+    options: keyword arguments for the head's `build` (e.g. num_outputs=4).
+    shared:  one output for every dataset the task runs on (their specs must agree), e.g. a
+             domain classifier; otherwise each dataset gets its own.
+    """
+
+    head: str
+    queries: int | str = 1
+    options: dict = field(default_factory=dict)
+    shared: bool = False
+
+
+@dataclass
+class View:
+    """What a task feeds the model, and what it compares the prediction with.
+
+    image:     [B', C, *S] the input view the encoder sees.
+    target:    anything the task's `loss` needs.
+    keep:      [B', n_keep] int64 visible patches (MAE), or None for all.
+    positions: [B', Q] int64 patches the dense queries sit at, or None for every patch.
+    """
+
+    image: torch.Tensor
+    target: Any = None
+    keep: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
+
+
+@dataclass
+class TaskResult:
+    """One task's outcome on one batch: the unweighted scalar `loss` and float `metrics`."""
+
+    loss: torch.Tensor
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """A task without options."""
+
+
 class PretextTask(PluginObject):
     """A training objective: makes (view, target) from a batch, names its head, computes its loss.
 
-    It never owns the training loop. The methods that connect a task to the model are defined by
-    the model (see `medformer_core.model`); this base only fixes identity and accepted inputs.
+    It never owns the training loop. A task implements `output_spec`, `make_view` and `loss`; the
+    default `forward` runs make_view -> ctx.encode -> ctx.decode -> loss, and a task whose flow
+    differs (several encodes, a gradient reversal) overrides `forward` instead of the last two.
+
+    Options are a frozen dataclass `Options` (defaults and `__post_init__` checks);
+    `task.with_options(weight=2.0, mask_ratio=0.8)` returns a configured copy. `weight` scales the
+    task's loss in the engine's weighting; `loss` itself is always unweighted. All randomness
+    comes from the `generator` passed in, so a seeded run is reproducible.
     """
 
     kind = "pretext-task"
+    Options: ClassVar[type] = NoOptions
+    needs_labels: ClassVar[bool] = False  # skipped on batches without a "label"
+
+    def __init__(self, weight: float = 1.0, **options):
+        self.weight = float(weight)
+        self.options = self._make_options(options)
+
+    def _make_options(self, options: dict):
+        known = [f.name for f in dataclasses.fields(self.Options)]
+        for key in options:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f"did you mean '{close[0]}'?" if close else f"its options: {', '.join(known) or 'none'}"
+                raise UsageError(f"task '{self.name}' has no option '{key}'", hint=hint)
+        try:
+            return self.Options(**options)
+        except (TypeError, ValueError) as exc:
+            raise UsageError(f"task '{self.name}': {exc}") from None
+
+    def with_options(self, weight: float | None = None, **options) -> PretextTask:
+        """A copy with `weight` and options replaced (the others keep their values)."""
+        task = copy.copy(self)
+        if weight is not None:
+            if weight < 0:
+                raise UsageError(f"task '{self.name}': weight must be >= 0, got {weight}")
+            task.weight = float(weight)
+        task.options = self._make_options({**dataclasses.asdict(self.options), **options})
+        return task
+
+    def reject_reason(self, info: DatasetInfo, run: list[DatasetInfo]) -> str | None:
+        """Why this task cannot train on dataset `info` in a run over `run`; None when it can."""
+        if info.spatial_dims not in self.spatial_dims:
+            wanted = " or ".join(f"{d}D" for d in self.spatial_dims)
+            return f"{info.spatial_dims}D, {self.name} needs {wanted} input"
+        if self.channels is not None and info.channels != self.channels:
+            return f"{info.channels} channels, {self.name} needs {self.channels}"
+        return None
+
+    def extra_inputs(self, info: DatasetInfo) -> list[InputSpec]:
+        """Inputs besides the dataset's own that the task feeds the encoder (e.g. 2D slices of 3D)."""
+        return []
+
+    def output_spec(self, info: DatasetInfo, run: list[DatasetInfo]) -> OutputSpec:
+        """The output head and queries this task needs for dataset `info`."""
+        raise NotImplementedError(f"task '{self.name}' does not implement output_spec")
+
+    def make_view(self, ctx: TaskContext, batch: dict, generator: torch.Generator) -> View:
+        """Make the input view and the target from `batch`."""
+        raise NotImplementedError(f"task '{self.name}' does not implement make_view")
+
+    def loss(self, ctx: TaskContext, prediction: torch.Tensor, view: View) -> TaskResult:
+        """Compare the head's `prediction` with `view.target`."""
+        raise NotImplementedError(f"task '{self.name}' does not implement loss")
+
+    def forward(self, ctx: TaskContext, batch: dict, generator: torch.Generator) -> TaskResult:
+        """One training step's loss on `batch`."""
+        view = self.make_view(ctx, batch, generator)
+        latents = ctx.encode(view.image, keep=view.keep)
+        return self.loss(ctx, ctx.decode(latents, view.positions), view)
+
+    def predict(self, ctx: TaskContext, batch: dict) -> torch.Tensor:
+        """Scores for the clean `batch` (the supervised task's class probabilities)."""
+        raise UsageError(f"task '{self.name}' makes no predictions", hint="predict with task 'supervised'")
+
+    def pictures(self, ctx: TaskContext, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor] | None:
+        """Columns of a picture grid, e.g. {"input": x, "masked": v, "reconstruction": r}, each
+        [B, C, *S] in [0, 1]; None for tasks that make no pictures."""
+        return None
+
+    def unimplemented(self) -> list[str]:
+        """The required methods this task's class leaves out (checked before training)."""
+        required = ["output_spec"]
+        if type(self).forward is PretextTask.forward:
+            required += ["make_view", "loss"]
+        return [m for m in required if getattr(type(self), m) is getattr(PretextTask, m)]

@@ -22,6 +22,8 @@ LOAD_PLUGINS_ENV = "MEDFORMER_LOAD_PLUGINS"
 BUILTIN_PLUGINS = (
     "medformer_plugins.phantoms",
     "medformer_plugins.medmnist",
+    "medformer_plugins.adapters",
+    "medformer_plugins.heads",
 )
 
 

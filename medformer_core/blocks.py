@@ -1,0 +1,124 @@
+"""Transformer blocks on token sequences [B, N, E]; every attention goes through `medformer_kernels`.
+
+Tokens carry no spatial layout, so one block serves 2D and 3D inputs alike.
+"""
+
+import torch
+from torch import nn
+
+import medformer_kernels as kernels
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """x: [B, N, E] -> [B, H, N, E / H]."""
+    b, n, e = x.shape
+    return x.reshape(b, n, heads, e // heads).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """x: [B, H, N, d] -> [B, N, H * d]."""
+    b, h, n, d = x.shape
+    return x.transpose(1, 2).reshape(b, n, h * d)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention: x [B, N, E] -> [B, N, E]."""
+
+    def __init__(self, dim: int, heads: int, qkv_bias: bool = True):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"width {dim} is not divisible by {heads} heads")
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = (split_heads(t, self.heads) for t in self.qkv(x).chunk(3, dim=-1))
+        return self.proj(merge_heads(kernels.attention(q, k, v)))
+
+
+class CrossAttention(nn.Module):
+    """Multi-head cross-attention: queries [B, Q, E] attend to context [B, N, E] -> [B, Q, E]."""
+
+    def __init__(self, dim: int, heads: int, qkv_bias: bool = True):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"width {dim} is not divisible by {heads} heads")
+        self.heads = heads
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(dim, 2 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, queries: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        q = split_heads(self.q(queries), self.heads)
+        k, v = (split_heads(t, self.heads) for t in self.kv(context).chunk(2, dim=-1))
+        return self.proj(merge_heads(kernels.attention(q, k, v)))
+
+
+class Mlp(nn.Sequential):
+    """x [B, N, E] -> Linear -> GELU -> Linear -> [B, N, E]."""
+
+    def __init__(self, dim: int, ratio: float):
+        hidden = int(dim * ratio)
+        super().__init__(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: in training, drops a residual branch per sample with probability `p`.
+
+    Draws from torch's global generator (seed it with torch.manual_seed for a reproducible run).
+    """
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = torch.rand(x.shape[0], 1, 1, device=x.device) >= self.p
+        return x * keep.to(x.dtype) / (1.0 - self.p)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)); x: [B, N, E]."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, drop_path: float = 0.0, qkv_bias: bool = True):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = SelfAttention(dim, heads, qkv_bias)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, mlp_ratio)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class CrossBlock(nn.Module):
+    """Pre-norm cross-attention block: queries [B, Q, E] read context [B, N, E] -> [B, Q, E]."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, drop_path: float = 0.0, qkv_bias: bool = True):
+        super().__init__()
+        self.norm_q = nn.LayerNorm(dim)
+        self.norm_context = nn.LayerNorm(dim)
+        self.attn = CrossAttention(dim, heads, qkv_bias)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, mlp_ratio)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, queries: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = queries + self.drop_path(self.attn(self.norm_q(queries), self.norm_context(context)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+def init_weights(module: nn.Module) -> None:
+    """ViT/MAE initialisation: truncated-normal linear weights, zero biases, unit LayerNorms."""
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
