@@ -24,6 +24,14 @@ BUILTIN_PLUGINS = (
     "medformer_plugins.medmnist",
     "medformer_plugins.adapters",
     "medformer_plugins.heads",
+    "medformer_plugins.task_rotation",
+    "medformer_plugins.task_mae",
+    "medformer_plugins.task_contrastive",
+    "medformer_plugins.task_jigsaw",
+    "medformer_plugins.task_restoration",
+    "medformer_plugins.task_slice_position",
+    "medformer_plugins.task_supervised",
+    "medformer_plugins.task_domain_adversarial",
 )
 
 
