@@ -22,6 +22,7 @@ LOAD_PLUGINS_ENV = "MEDFORMER_LOAD_PLUGINS"
 BUILTIN_PLUGINS = (
     "medformer_plugins.phantoms",
     "medformer_plugins.medmnist",
+    "medformer_plugins.folder",
     "medformer_plugins.adapters",
     "medformer_plugins.heads",
     "medformer_plugins.task_rotation",

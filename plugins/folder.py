@@ -1,0 +1,441 @@
+"""The user's own scans: `--dataset folder:PATH[,key=value...]` or simply `--dataset PATH`.
+
+A (nested) directory of NIfTI, DICOM (series or multi-frame) and PNG/JPEG/TIFF files becomes one
+dataset whose samples share one shape [C, *([size] * dims)]: intensities are normalised (CT window,
+MR percentiles, see folder_preprocess) and each sample is resampled to `size`. Volumes stay 3D, or
+become 2D slices with `slices=axial|coronal|sagittal`.
+
+Settings (in the argument, or in DatasetOptions.extra; the argument wins):
+
+    size=64            side of every sample (default: DatasetOptions.size, else 64 for volumes, 128 for images)
+    fit=pad            pad | crop | stretch        (how the physical field of view maps onto size)
+    intensity=auto     auto | ct | mr | minmax | none
+    window=0:2000      CT window level:width in HU (default spans -1000..1000 HU)
+    percentiles=0.5:99.5   MR clipping percentiles
+    slices=none        none | axial | coronal | sagittal
+    channels=auto      auto (the most common count) | N; grey and RGB convert into each other
+    labels=labels.csv  CSV with columns path,label[,split]; default: labels.csv in the folder if present
+    val=0.1,test=0.1   split fractions, drawn per sample by a stable hash of its path
+    split_seed=0       seed of that hash
+
+Splits: `train/`, `val/` (or `validation/`) and `test/` subfolders if present; else a `split`
+column of the labels CSV; else the hashed fractions. Files that cannot be read are skipped and
+listed in one warning (logger `medformer.data`); a folder with nothing readable is an error.
+Processed splits are cached as `.npy` under `$MEDFORMER_CACHE_DIR/folder` (default
+~/.cache/medformer), keyed by the settings and every file's size and mtime.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from medformer_core import hookimpl
+from medformer_core.data import DatasetInfo, DatasetOptions, ImageSplit, stratified_subset
+from medformer_core.errors import DataError, MedformerError, UsageError
+from medformer_core.interfaces import DatasetFactory
+from medformer_plugins.folder_preprocess import FIT_MODES, INTENSITY_MODES, SLICE_AXES, fit, normalize, slices, to_uint8
+from medformer_plugins.folder_readers import Sample, describe_error, find_samples, read_sample
+from medformer_plugins.medmnist_files import cache_dir
+
+log = logging.getLogger("medformer.data")
+SPLIT_FOLDERS = {"train": "train", "val": "val", "validation": "val", "test": "test"}
+SUPPORTED = ".nii, .nii.gz, .dcm and DICOM without extension, .png, .jpg, .tif, .bmp"
+CACHE_VERSION = 1
+WARN_LIMIT = 20
+
+
+@dataclass(frozen=True)
+class Settings:
+    root: Path
+    size: int | None = None
+    fit: str = "pad"
+    intensity: str = "auto"
+    window: tuple[float, float] = (0.0, 2000.0)
+    percentiles: tuple[float, float] = (0.5, 99.5)
+    slices: str = "none"
+    channels: str = "auto"
+    labels: str | None = None
+    val: float = 0.1
+    test: float = 0.1
+    split_seed: int = 0
+
+
+KEYS = [name for name in Settings.__dataclass_fields__ if name != "root"]
+
+
+def parse_settings(argument: str | None, extra: dict) -> Settings:
+    """`PATH[,key=value...]` plus `extra` -> checked Settings (the argument's values win)."""
+    if not argument:
+        raise UsageError("the folder dataset needs a directory", hint="use --dataset folder:PATH or --dataset PATH")
+    items = argument.split(",")
+    given: dict[str, str] = {}
+    while len(items) > 1 and "=" in items[-1] and items[-1].split("=", 1)[0].strip() in KEYS:
+        key, value = items.pop().split("=", 1)
+        given.setdefault(key.strip(), value.strip())
+    for item in items[1:]:
+        if "=" in item:
+            raise UsageError(f"folder dataset: unknown setting '{item}'", hint=f"settings: {', '.join(KEYS)}")
+    values = {k: str(v) for k, v in extra.items() if k in KEYS} | given
+    root = Path(",".join(items)).expanduser()
+    try:
+        return _checked(root, values)
+    except ValueError as exc:
+        raise UsageError(f"folder dataset: bad setting ({exc})", hint=f"settings: {', '.join(KEYS)}; see `medformer datasets info folder:PATH`") from None
+
+
+def _checked(root: Path, values: dict[str, str]) -> Settings:
+    def pair(text: str) -> tuple[float, float]:
+        a, sep, b = text.partition(":")
+        if not sep:
+            raise ValueError(f"expected A:B, got '{text}'")
+        return float(a), float(b)
+
+    def choice(key: str, allowed) -> str:
+        if values[key] not in allowed:
+            raise ValueError(f"{key} must be one of {', '.join(allowed)}, got '{values[key]}'")
+        return values[key]
+
+    s = {}
+    if "size" in values:
+        s["size"] = int(values["size"])
+        if s["size"] < 4:
+            raise ValueError("size must be >= 4")
+    for key, allowed in (("fit", FIT_MODES), ("intensity", INTENSITY_MODES), ("slices", ("none",) + tuple(SLICE_AXES))):
+        if key in values:
+            s[key] = choice(key, allowed)
+    for key in ("window", "percentiles"):
+        if key in values:
+            s[key] = pair(values[key])
+    if "window" in s and s["window"][1] <= 0:
+        raise ValueError("window width must be > 0")
+    if "percentiles" in s and not 0 <= s["percentiles"][0] < s["percentiles"][1] <= 100:
+        raise ValueError("percentiles must satisfy 0 <= low < high <= 100")
+    if "channels" in values:
+        if values["channels"] != "auto" and not values["channels"].isdigit():
+            raise ValueError(f"channels must be auto or a number, got '{values['channels']}'")
+        s["channels"] = values["channels"]
+    for key in ("val", "test"):
+        if key in values:
+            s[key] = float(values[key])
+    if not 0 <= s.get("val", 0.1) + s.get("test", 0.1) < 1:
+        raise ValueError("val + test must be in [0, 1)")
+    if "split_seed" in values:
+        s["split_seed"] = int(values["split_seed"])
+    if "labels" in values:
+        s["labels"] = values["labels"]
+    return Settings(root, **s)
+
+
+@dataclass
+class FolderScan:
+    """What the folder holds, from headers only: samples with their split and label."""
+
+    samples: list[Sample]
+    split: dict[str, str]  # key -> train/val/test
+    labels: dict[str, int]  # key -> class index (only samples with a label row)
+    class_names: dict[int, str]
+    skipped: list[tuple[str, str]]
+    dims: int
+    channels: int
+    unmatched_rows: int = 0
+
+
+class Folder(DatasetFactory):
+    """A directory of the user's scans (NIfTI, DICOM, PNG/JPEG/TIFF)."""
+
+    name = "folder"
+    description = "Your own scans: a directory of NIfTI, DICOM or PNG/JPEG/TIFF files (folder:PATH or PATH)"
+    spatial_dims = (2, 3)
+    takes_argument = True
+
+    def __init__(self):
+        self._scans: dict[tuple, FolderScan] = {}
+        self._reported: set[tuple[str, str]] = set()
+
+    def info(self, options: DatasetOptions) -> DatasetInfo:
+        settings = parse_settings(options.argument, options.extra)
+        scan = self._scan(settings)
+        self._warn(settings, scan, [], options.labeled and bool(scan.labels))
+        return self._info(settings, scan, options)
+
+    def _info(self, settings: Settings, scan: "FolderScan", options: DatasetOptions) -> DatasetInfo:
+        size = self._size(settings, scan, options)
+        counts = Counter()
+        for sample in scan.samples:
+            if options.labeled and scan.labels and sample.key not in scan.labels:
+                continue
+            counts[scan.split[sample.key]] += self._sample_count(sample, settings)
+        return DatasetInfo(
+            name=f"folder:{settings.root.resolve().name}",
+            spatial_dims=scan.dims,
+            channels=scan.channels,
+            size=(size,) * scan.dims,
+            task=("binary-class" if len(scan.class_names) == 2 else "multi-class") if scan.class_names else "none",
+            labels=dict(scan.class_names),
+            split_sizes={split: counts.get(split, 0) for split in ("train", "val", "test")},
+        )
+
+    def build(self, split: str, options: DatasetOptions) -> ImageSplit:
+        if split not in ("train", "val", "test"):
+            raise UsageError(f"the folder dataset has no split '{split}'", hint="choose train, val or test")
+        settings = parse_settings(options.argument, options.extra)
+        scan = self._scan(settings)
+        info = self._info(settings, scan, options)
+        with_labels = options.labeled and bool(scan.labels)
+        chosen = [s for s in scan.samples if scan.split[s.key] == split and (not with_labels or s.key in scan.labels)]
+        images, keys, failed = self._load(chosen, settings, scan, info, split)
+        self._warn(settings, scan, failed, with_labels)
+        if chosen and not keys:
+            raise DataError(f"{settings.root}: none of the {len(chosen)} {split} sample(s) could be read",
+                            hint="see the warning above for the reasons")
+        if split == "train" and not keys:
+            raise DataError(f"{settings.root}: the train split is empty",
+                            hint="add files, or lower the val/test fractions (e.g. folder:PATH,val=0,test=0)")
+        labels = np.array([[scan.labels[k]] for k in keys], dtype=np.int64).reshape(-1, 1) if with_labels else None
+        data = ImageSplit(info, images, labels)
+        if labels is not None and split == "train" and options.label_fraction < 1.0:
+            data = data.subset(stratified_subset(labels, options.label_fraction, options.seed))
+        return data
+
+    # -- scanning -------------------------------------------------------------------------------
+
+    def _scan(self, settings: Settings) -> FolderScan:
+        root = settings.root
+        if not root.exists():
+            raise DataError(f"folder {root} does not exist", hint="check the path given to --dataset")
+        if not root.is_dir():
+            raise UsageError(f"{root} is not a directory", hint="the folder dataset reads a directory of scans")
+        labels_path = self._labels_path(settings)
+        memo = (str(root.resolve()), str(labels_path), settings.slices, settings.channels, settings.split_seed,
+                settings.val, settings.test, _tree_fingerprint(root))
+        if memo not in self._scans:
+            self._scans[memo] = self._scan_uncached(settings, labels_path)
+        return self._scans[memo]
+
+    def _scan_uncached(self, settings: Settings, labels_path: Path | None) -> FolderScan:
+        root = settings.root
+        samples, skipped = find_samples(root, ignore={labels_path} if labels_path else set())
+        if not samples:
+            found = f"; {len(skipped)} file(s) skipped: {_listing(skipped)}" if skipped else ""
+            raise DataError(f"no images or volumes found in {root}{found}", hint=f"supported: {SUPPORTED}")
+        has_volumes = any(len(s.shape) == 3 for s in samples)
+        dims = 3 if has_volumes and settings.slices == "none" else 2
+        if dims == 3:
+            skipped += [(s.key, "a 2D image among volumes") for s in samples if len(s.shape) != 3]
+            samples = [s for s in samples if len(s.shape) == 3]
+        channels = _channel_count(samples, settings.channels)
+        for s in samples:
+            if s.channels != channels and {s.channels, channels} != {1, 3}:
+                skipped.append((s.key, f"{s.channels} channels, the others have {channels}"))
+        samples = [s for s in samples if s.channels == channels or {s.channels, channels} == {1, 3}]
+        table, split_column, unmatched = _read_labels(labels_path, {s.key for s in samples})
+        values = sorted({v for v in table.values()}, key=_natural)
+        index = {v: i for i, v in enumerate(values)}
+        names = {i: str(v) for v, i in index.items()}
+        split = self._assign_splits(samples, settings, split_column, skipped)
+        samples = [s for s in samples if s.key in split]
+        return FolderScan(samples, split, {k: index[v] for k, v in table.items()}, names, sorted(skipped),
+                          dims, channels, unmatched)
+
+    def _labels_path(self, settings: Settings) -> Path | None:
+        if settings.labels is None:
+            default = settings.root / "labels.csv"
+            return default if default.is_file() else None
+        path = Path(settings.labels).expanduser()
+        path = path if path.is_absolute() else settings.root / path
+        if not path.is_file():
+            raise UsageError(f"labels file {path} not found", hint="give labels=PATH (relative to the folder or absolute)")
+        return path
+
+    @staticmethod
+    def _assign_splits(samples: list[Sample], settings: Settings, split_column: dict[str, str],
+                       skipped: list) -> dict[str, str]:
+        root_dirs = {p.name.lower() for p in settings.root.iterdir() if p.is_dir()}
+        by_folder = "train" in root_dirs and bool(root_dirs & {"val", "validation", "test"})
+        split = {}
+        for s in samples:
+            if by_folder:
+                top = s.key.split("/", 1)[0].lower()
+                if top not in SPLIT_FOLDERS:
+                    skipped.append((s.key, "outside the train/val/test folders"))
+                    continue
+                split[s.key] = SPLIT_FOLDERS[top]
+            elif s.key in split_column:
+                split[s.key] = split_column[s.key]
+            else:
+                digest = hashlib.md5(f"{settings.split_seed}:{s.key}".encode()).digest()
+                u = int.from_bytes(digest[:8], "little") / 2**64
+                split[s.key] = "test" if u < settings.test else "val" if u < settings.test + settings.val else "train"
+        return split
+
+    # -- loading --------------------------------------------------------------------------------
+
+    def _load(self, chosen: list[Sample], settings: Settings, scan: FolderScan, info: DatasetInfo,
+              split: str) -> tuple[np.ndarray, list[str], list[tuple[str, str]]]:
+        """Images [N, C, *size] uint8 of `chosen` (from the cache when it is fresh), keys per image."""
+        shape = (scan.channels,) + tuple(info.size)
+        key = _cache_key(settings, chosen, shape, split)
+        folder = cache_dir() / "folder" / key
+        if (folder / "meta.json").is_file():
+            meta = json.loads((folder / "meta.json").read_text())
+            return np.load(folder / "images.npy", mmap_mode="r"), meta["keys"], [tuple(f) for f in meta["failed"]]
+        arrays, keys, failed = [], [], []
+        for sample in chosen:
+            try:
+                pieces = self._process(sample, settings, scan.channels, info.size[0])
+            except MedformerError:
+                raise
+            except Exception as exc:  # an unreadable file is skipped, never fatal
+                failed.append((sample.key, describe_error(exc)))
+                continue
+            arrays += pieces
+            keys += [sample.key] * len(pieces)
+        images = np.stack(arrays) if arrays else np.zeros((0,) + shape, np.uint8)
+        _store(folder, images, {"keys": keys, "failed": failed})
+        return images, keys, failed
+
+    @staticmethod
+    def _process(sample: Sample, settings: Settings, channels: int, size: int) -> list[np.ndarray]:
+        """Read, normalise, (slice), convert channels, fit: one sample -> list of [C, *size] uint8."""
+        scan = read_sample(sample, settings.root)
+        array = normalize(scan, settings.intensity, settings.window, settings.percentiles)
+        if array.ndim == 4 and settings.slices != "none":
+            planes, spacing = slices(array, scan.spacing, settings.slices)
+        else:
+            planes, spacing = [array], scan.spacing
+        return [to_uint8(fit(_convert_channels(p, channels), spacing, size, settings.fit)) for p in planes]
+
+    def _size(self, settings: Settings, scan: FolderScan, options: DatasetOptions) -> int:
+        return settings.size or options.size or (64 if scan.dims == 3 else 128)
+
+    @staticmethod
+    def _sample_count(sample: Sample, settings: Settings) -> int:
+        if len(sample.shape) == 3 and settings.slices != "none":
+            return sample.shape[SLICE_AXES[settings.slices]]
+        return 1
+
+    def _warn(self, settings: Settings, scan: FolderScan, failed: list, with_labels: bool) -> None:
+        """One warning per load with the files not reported before in this process."""
+        root = str(settings.root)
+        new = [item for item in scan.skipped + failed if (root, item[0]) not in self._reported]
+        self._reported.update((root, item[0]) for item in new)
+        notes = []
+        if new:
+            notes.append(f"skipped {len(new)} file(s): {_listing(new)}")
+        unlabeled = sum(1 for s in scan.samples if s.key not in scan.labels)
+        if with_labels and unlabeled and (root, "#unlabeled") not in self._reported:
+            self._reported.add((root, "#unlabeled"))
+            notes.append(f"{unlabeled} sample(s) without a row in the labels CSV are left out of labeled splits")
+        if scan.unmatched_rows and (root, "#rows") not in self._reported:
+            self._reported.add((root, "#rows"))
+            notes.append(f"{scan.unmatched_rows} row(s) of the labels CSV name no sample")
+        if notes:
+            log.warning("folder %s: %s", root, "; ".join(notes))
+
+
+def _channel_count(samples: list[Sample], wanted: str) -> int:
+    if wanted != "auto":
+        return int(wanted)
+    counts = Counter(s.channels for s in samples)
+    return max(counts, key=lambda c: (counts[c], c))
+
+
+def _convert_channels(array: np.ndarray, channels: int) -> np.ndarray:
+    """[c, *S] -> [channels, *S]: grey repeated to RGB, RGB to luminance."""
+    if array.shape[0] == channels:
+        return array
+    if array.shape[0] == 1 and channels == 3:
+        return np.repeat(array, 3, axis=0)
+    weights = np.array([0.299, 0.587, 0.114], np.float32).reshape((3,) + (1,) * (array.ndim - 1))
+    return (array * weights).sum(axis=0, keepdims=True)
+
+
+def _read_labels(path: Path | None, keys: set[str]) -> tuple[dict[str, object], dict[str, str], int]:
+    """Labels CSV -> ({sample key: label value}, {sample key: split}, rows naming no sample)."""
+    if path is None:
+        return {}, {}, 0
+    import pandas as pd
+
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (ValueError, OSError, pd.errors.ParserError) as exc:
+        raise DataError(f"{path}: not a readable CSV ({str(exc).splitlines()[0]})") from None
+    columns = [c.strip().lower() for c in table.columns]
+    table.columns = columns
+    if len(columns) < 2:
+        raise DataError(f"{path}: expected columns path,label[,split], found {', '.join(columns) or 'none'}")
+    path_column = "path" if "path" in columns else columns[0]
+    label_column = "label" if "label" in columns else [c for c in columns if c not in (path_column, "split")][0]
+    labels, splits, unmatched = {}, {}, 0
+    for row in table.itertuples(index=False):
+        row = dict(zip(columns, row))
+        key = row[path_column].strip().removeprefix("./").rstrip("/")
+        if key not in keys:
+            unmatched += 1
+            continue
+        value = row[label_column].strip()
+        if value != "":
+            labels[key] = int(value) if value.lstrip("-").isdigit() else value
+        if "split" in row and row["split"].strip():
+            split = SPLIT_FOLDERS.get(row["split"].strip().lower())
+            if split is None:
+                raise DataError(f"{path}: split '{row['split']}' for {key}; use train, val or test")
+            splits[key] = split
+    return labels, splits, unmatched
+
+
+def _natural(value) -> tuple:
+    return (0, value, "") if isinstance(value, int) else (1, 0, str(value))
+
+
+def _tree_fingerprint(root: Path) -> int:
+    """A hash of every file's path, size and mtime: a changed folder is scanned again."""
+    digest = hashlib.sha1()
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in sorted(files):
+            try:
+                stat = os.stat(os.path.join(folder, name))
+            except OSError:
+                continue
+            digest.update(f"{folder}/{name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+    return int.from_bytes(digest.digest()[:8], "little")
+
+
+def _cache_key(settings: Settings, chosen: list[Sample], shape: tuple, split: str) -> str:
+    digest = hashlib.sha1(json.dumps([CACHE_VERSION, str(settings), shape, split]).encode())
+    for sample in chosen:
+        for path in sample.paths:
+            stat = path.stat()
+            digest.update(f"{path}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+    return f"{settings.root.resolve().name}-{split}-{digest.hexdigest()[:16]}"
+
+
+def _store(folder: Path, images: np.ndarray, meta: dict) -> None:
+    """Write the processed split atomically; a cache that cannot be written is not an error."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, temp = tempfile.mkstemp(dir=folder, suffix=".npy")
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, images)
+        os.replace(temp, folder / "images.npy")
+        (folder / "meta.json").write_text(json.dumps(meta))
+    except OSError as exc:
+        log.debug("could not cache %s: %s", folder, exc)
+
+
+def _listing(items: list[tuple[str, str]]) -> str:
+    shown = ", ".join(f"{key} ({reason})" for key, reason in items[:WARN_LIMIT])
+    return shown + (f", and {len(items) - WARN_LIMIT} more" if len(items) > WARN_LIMIT else "")
+
+
+@hookimpl
+def register_datasets(register):
+    register(Folder())

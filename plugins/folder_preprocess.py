@@ -1,0 +1,90 @@
+"""Intensity normalisation and resampling for the folder plugin: native scans -> [C, *size] in [0, 1].
+
+Intensity modes: `ct` maps a window (level, width) in HU to [0, 1]; `mr` clips each channel to
+percentiles (default 0.5 and 99.5) and rescales; `minmax` rescales each channel's range; `none`
+divides 8-bit pictures by 255. `auto` picks `ct` for CT (DICOM Modality, or values reaching -900
+and below, as HU air does), `none` for 8-bit pictures and `mr` otherwise.
+
+Fit modes, in physical units (voxel spacing from the file): `pad` scales the longest extent to
+`size` and pads the rest (keeps proportions and the whole field of view); `crop` scales the
+shortest extent to `size` and crops the centre; `stretch` resizes each axis to `size`.
+"""
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from medformer_plugins.folder_readers import Scan
+
+INTENSITY_MODES = ("auto", "ct", "mr", "minmax", "none")
+FIT_MODES = ("pad", "crop", "stretch")
+SLICE_AXES = {"axial": 0, "coronal": 1, "sagittal": 2}
+PERCENTILE_SAMPLES = 1_000_000  # voxels used to estimate percentiles
+
+
+def normalize(scan: Scan, mode: str, window: tuple[float, float], percentiles: tuple[float, float]) -> np.ndarray:
+    """scan.array [C, *S] native -> [C, *S] float32 in [0, 1]."""
+    x = scan.array
+    if mode == "auto":
+        mode = "ct" if scan.modality == "CT" or (scan.modality == "" and not scan.eight_bit and x.min() <= -900) \
+            else "none" if scan.eight_bit else "mr"
+    if mode == "ct":
+        level, width = window
+        return np.clip((x - (level - width / 2)) / width, 0.0, 1.0).astype(np.float32)
+    if mode == "none":
+        return np.clip(x / 255.0, 0.0, 1.0).astype(np.float32)
+    low, high = percentiles if mode == "mr" else (0.0, 100.0)
+    out = np.empty_like(x, dtype=np.float32)
+    for c in range(x.shape[0]):
+        flat = x[c].reshape(-1)
+        sample = flat[:: max(1, flat.size // PERCENTILE_SAMPLES)]
+        lo, hi = np.percentile(sample, [low, high])
+        out[c] = np.clip((x[c] - lo) / (hi - lo), 0.0, 1.0) if hi > lo else 0.0
+    return out
+
+
+def slices(volume: np.ndarray, spacing: tuple[float, ...], axis: str) -> tuple[list[np.ndarray], tuple[float, float]]:
+    """volume [C, D, H, W] -> its 2D slices [C, *plane] along `axis`, and their in-plane spacing."""
+    dim = SLICE_AXES[axis]
+    planes = [np.take(volume, i, axis=1 + dim) for i in range(volume.shape[1 + dim])]
+    return planes, tuple(s for i, s in enumerate(spacing) if i != dim)
+
+
+def fit(array: np.ndarray, spacing: tuple[float, ...], size: int, mode: str) -> np.ndarray:
+    """array [C, *S] in [0, 1] -> [C, size, ...] (one side per spatial axis), resampled with torch."""
+    shape = np.array(array.shape[1:], dtype=np.float64)
+    extent = shape * np.array(spacing, dtype=np.float64)  # physical size per axis
+    if mode == "stretch":
+        target = np.full(len(shape), size)
+    else:
+        scale = size / (extent.max() if mode == "pad" else extent.min())
+        target = np.maximum(1, np.round(extent * scale)).astype(int)
+        target = np.minimum(target, size) if mode == "pad" else np.maximum(target, size)
+    x = torch.from_numpy(np.ascontiguousarray(array))[None]  # [1, C, *S]
+    if tuple(target) != tuple(array.shape[1:]):
+        shrinking = all(t <= s for t, s in zip(target, shape))
+        linear = "bilinear" if len(shape) == 2 else "trilinear"
+        x = F.interpolate(x, size=tuple(int(t) for t in target), mode="area" if shrinking else linear,
+                          **({} if shrinking else {"align_corners": False}))
+    return _pad_or_crop(x[0], size).numpy()
+
+
+def _pad_or_crop(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Centre every spatial axis of x [C, *S] on `size`: pad with zeros or crop."""
+    for axis in range(1, x.dim()):
+        n = x.shape[axis]
+        if n > size:
+            x = x.narrow(axis, (n - size) // 2, size)
+        elif n < size:
+            pad_shape = list(x.shape)
+            before = (size - n) // 2
+            pad_shape[axis] = before
+            after_shape = list(x.shape)
+            after_shape[axis] = size - n - before
+            x = torch.cat([x.new_zeros(pad_shape), x, x.new_zeros(after_shape)], dim=axis)
+    return x
+
+
+def to_uint8(array: np.ndarray) -> np.ndarray:
+    """[0, 1] float -> uint8 (the storage type of ImageSplit, as MedMNIST's)."""
+    return np.round(np.clip(array, 0.0, 1.0) * 255.0).astype(np.uint8)
