@@ -129,16 +129,15 @@ def _assert_close_as_torch(q, k, v, grad_out):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("d", [16, 32, 64, 128])
-@pytest.mark.parametrize("nq,nk", [(1, 1), (77, 77), (64, 1000), (1000, 64), (513, 513)])
+@pytest.mark.parametrize("nq,nk", [(1, 1), (77, 77), (64, 1000), (1000, 64)])
 def test_gpu_bf16_matches_reference(cuda_device, nq, nk, d):
     _assert_close_as_torch(*_inputs(2, 3, nq, nk, d, torch.bfloat16, cuda_device))
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("d", [64, 128])
-def test_gpu_larger_shapes_match_reference(cuda_device, dtype, d):
-    _assert_close_as_torch(*_inputs(2, 4, 300, 457, d, dtype, cuda_device))
+def test_gpu_fp32_fp16_match_reference(cuda_device, dtype):
+    _assert_close_as_torch(*_inputs(2, 4, 300, 457, 64, dtype, cuda_device))
 
 
 @pytest.mark.gpu

@@ -167,7 +167,7 @@ def _assert_close_as_torch(patch, args):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("keep", [None, "subset"])
-@pytest.mark.parametrize("shape,patch,e", CASES[:3] + CASES[5:8], ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
+@pytest.mark.parametrize("shape,patch,e", [CASES[1], CASES[5], CASES[6]], ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
 def test_gpu_bf16_matches_reference(cuda_device, shape, patch, e, keep):
     _assert_close_as_torch(patch, _inputs(shape, patch, e, torch.bfloat16, cuda_device, keep=keep))
 
