@@ -19,6 +19,7 @@ class RunConfig:
     datasets: list[str] = field(default_factory=lambda: list(DEFAULT_DATASETS))
     data_root: str | None = None
     model: str = "tiny"
+    model_options: dict[str, float] = field(default_factory=dict)  # overrides of the preset, e.g. {"depth": 2}
     steps: int = 120
     epochs: float | None = None  # when set, overrides `steps`: epochs over the summed train splits
     batch_size: int = 32

@@ -1,0 +1,165 @@
+"""`medformer train`: multitask self-supervised pretraining from plugins on the command line."""
+
+import time
+import tomllib
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from medformer_cli.console import err, out
+from medformer_core.config import RunConfig, load_config
+from medformer_core.errors import UsageError
+from medformer_core.trainer import RunSummary, Trainer
+
+
+def _parse_pairs(pairs: list[str] | None, option: str) -> dict[str, str]:
+    parsed = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key or not value:
+            raise UsageError(f"{option} '{pair}' is not KEY=VALUE", hint=f"e.g. {option} mae=2.0")
+        parsed[key] = value
+    return parsed
+
+
+def _toml_values(pairs: dict[str, str]) -> dict:
+    """Parse each value as a TOML scalar (0.8, 3, true, [1, 2]); anything else stays a string."""
+    parsed = {}
+    for key, value in pairs.items():
+        try:
+            parsed[key] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            parsed[key] = value
+    return parsed
+
+
+def _task_options(pairs: list[str] | None) -> dict[str, dict]:
+    """`--task-option mae.mask_ratio=0.8` -> {"mae": {"mask_ratio": 0.8}}."""
+    options: dict[str, dict] = {}
+    for key, value in _toml_values(_parse_pairs(pairs, "--task-option")).items():
+        task, dot, name = key.partition(".")
+        if not dot:
+            raise UsageError(f"--task-option '{key}={value}' needs TASK.OPTION=VALUE", hint="e.g. mae.mask_ratio=0.8")
+        options.setdefault(task, {})[name] = value
+    return options
+
+
+def train(
+    plugin: list[str] = typer.Option(None, "--plugin", "-p", help="A pretext task (repeat). Default: mae, mae3d, rotation, contrastive."),
+    dataset: list[str] = typer.Option(None, "--dataset", "-d", help="A dataset name, NAME:ARG or a folder (repeat). Default: phantoms2d, phantoms3d."),
+    data_root: Path = typer.Option(None, help="Where MedMNIST files live (default $MEDFORMER_DATA_ROOT or ~/.medmnist)."),
+    config: Path = typer.Option(None, "--config", help="A run config in TOML; options given here override it."),
+    steps: int = typer.Option(None, min=1, help="Optimizer steps (default 120)."),
+    epochs: float = typer.Option(None, min=0.0, help="Epochs over all train splits; overrides --steps."),
+    batch_size: int = typer.Option(None, min=1, help="Samples per batch (default 32)."),
+    lr: float = typer.Option(None, min=0.0, help="Peak learning rate (default 1e-3)."),
+    model: str = typer.Option(None, help="Model preset: tiny, small or base (default tiny)."),
+    model_option: list[str] = typer.Option(None, help="OPTION=VALUE overriding the preset (repeat), e.g. depth=2."),
+    weighting: str = typer.Option(None, help="Loss weighting: fixed or uncertainty."),
+    task_weight: list[str] = typer.Option(None, help="TASK=WEIGHT (repeat)."),
+    task_option: list[str] = typer.Option(None, help="TASK.OPTION=VALUE (repeat), e.g. mae.mask_ratio=0.8."),
+    accumulate: int = typer.Option(None, min=1, help="Gradient accumulation steps."),
+    out_dir: Path = typer.Option(None, "--out", help="Run directory (default runs/train-DATE-TIME)."),
+    seed: int = typer.Option(None, help="Random seed (default 0)."),
+    device: str = typer.Option(None, help="auto, cpu or cuda[:N]."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
+    tensorboard: bool = typer.Option(None, "--tensorboard/--no-tensorboard", help="Also write TensorBoard events."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+):
+    """Pretrain one Medformer on several datasets with several pretext tasks at once."""
+    if resume and out_dir is None:
+        raise UsageError("--resume needs --out DIR, the run to continue")
+    if resume and config is None and (out_dir / "config.toml").is_file():
+        config = out_dir / "config.toml"
+    overrides = {
+        "plugins": plugin or None, "datasets": dataset or None,
+        "data_root": str(data_root) if data_root else None, "steps": steps, "epochs": epochs,
+        "batch_size": batch_size, "lr": lr, "model": model, "weighting": weighting,
+        "model_options": _toml_values(_parse_pairs(model_option, "--model-option")) or None,
+        "task_weights": {k: float(v) for k, v in _parse_pairs(task_weight, "--task-weight").items()} or None,
+        "tasks": _task_options(task_option) or None, "accumulate": accumulate, "seed": seed,
+        "device": device, "tensorboard": tensorboard,
+    }
+    try:
+        run_config = load_config(config, overrides)
+    except ValueError as exc:
+        raise UsageError(f"bad value in the run config: {exc}") from None
+    run_dir = out_dir or Path("runs") / time.strftime("train-%Y%m%d-%H%M%S")
+    summary = Trainer(run_config, run_dir, resume=resume, quiet=quiet).run()
+    if summary.stopped_by is None or not quiet:
+        print_summary(summary, run_config)
+    if summary.stopped_by is not None:
+        err.print(f"Stopped by {summary.stopped_by} at step {summary.steps}; checkpoint saved. "
+                  f"Continue with: medformer train --out {run_dir} --resume")
+        raise typer.Exit(130 if summary.stopped_by == "SIGINT" else 143)
+
+
+def print_summary(summary: RunSummary, config: RunConfig) -> None:
+    table = Table(title=f"run {summary.run_dir}")
+    for column in ("task", "first loss", "last loss"):
+        table.add_column(column)
+    for name in sorted(summary.last_losses):
+        table.add_row(name, f"{summary.first_losses[name]:.4f}", f"{summary.last_losses[name]:.4f}")
+    out.print(table)
+    rate = summary.samples / max(summary.seconds, 1e-9)
+    out.print(f"{summary.steps} steps, {summary.samples} samples, {summary.seconds:.1f} s ({rate:.0f} samples/s); "
+              f"encoder: {summary.run_dir / 'encoder'}")
+
+
+def finetune(
+    dataset: str = typer.Option(..., "--dataset", "-d", help="A labeled dataset, e.g. retinamnist."),
+    source: str = typer.Option(None, "--from", help="A `medformer train` run directory or an exported encoder. Omit to train from scratch."),
+    linear_probe: bool = typer.Option(False, "--linear-probe", help="Freeze the encoder; train only the head."),
+    label_fraction: float = typer.Option(1.0, min=0.0, max=1.0, help="Fraction of training labels (stratified, seeded)."),
+    epochs: int = typer.Option(30, min=1),
+    batch_size: int = typer.Option(64, min=1),
+    lr: float = typer.Option(None, min=0.0, help="Learning rate (default 1e-3; 1e-2 for a linear probe)."),
+    model: str = typer.Option("tiny", help="Model preset when training from scratch."),
+    data_root: Path = typer.Option(None, help="Where MedMNIST files live."),
+    out_dir: Path = typer.Option(None, "--out", help="Run directory (default runs/finetune-DATASET-DATE-TIME)."),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+):
+    """Fine-tune (or linear-probe) a pretrained encoder on a labeled dataset; report test AUC and ACC."""
+    from medformer_core.finetune import FinetuneConfig, Finetuner
+
+    config = FinetuneConfig(
+        dataset=dataset, source=source, linear_probe=linear_probe, label_fraction=label_fraction, epochs=epochs,
+        batch_size=batch_size, lr=lr if lr is not None else (1e-2 if linear_probe else 1e-3), model=model,
+        data_root=str(data_root) if data_root else None, seed=seed, device=device,
+    )
+    run_dir = out_dir or Path("runs") / time.strftime(f"finetune-{dataset.replace(':', '-')}-%Y%m%d-%H%M%S")
+    results = Finetuner(config, run_dir, quiet=quiet).run()
+    print_results([results], f"{results['mode']} on {results['dataset']} ({results['label_fraction']:.0%} labels), "
+                            f"best val epoch {results['best_epoch']}: {run_dir / 'results.json'}")
+
+
+def evaluate(
+    run: Path = typer.Argument(..., help="A `medformer finetune` run directory."),
+    split: str = typer.Option("test", help="train, val or test."),
+    data_root: Path = typer.Option(None, help="Where MedMNIST files live."),
+    out_file: Path = typer.Option(None, "--out", help="Where to write the metrics (default RUN/eval_SPLIT.json)."),
+    device: str = typer.Option("auto"),
+):
+    """Evaluate a fine-tuned model: AUC and ACC exactly as MedMNIST's evaluator computes them."""
+    import json
+
+    from medformer_core.finetune import evaluate_run
+
+    if split not in ("train", "val", "test"):
+        raise UsageError(f"--split must be train, val or test, got '{split}'")
+    metrics = evaluate_run(run, split, str(data_root) if data_root else None, device)
+    path = out_file or run / f"eval_{split}.json"
+    path.write_text(json.dumps(metrics, indent=2))
+    print_results([{**metrics, "test": metrics}], f"{split} metrics: {path}")
+
+
+def print_results(results: list[dict], caption: str) -> None:
+    table = Table(title=caption)
+    for column in ("dataset", "mode", "AUC", "ACC"):
+        table.add_column(column)
+    for r in results:
+        table.add_row(r["dataset"], r["mode"], f"{r['test']['auc']:.4f}", f"{r['test']['acc']:.4f}")
+    out.print(table)

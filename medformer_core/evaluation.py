@@ -1,0 +1,36 @@
+"""Test metrics exactly as MedMNIST's evaluator computes them (its own getAUC / getACC)."""
+
+import math
+
+import numpy as np
+import torch
+from medmnist.evaluator import getACC, getAUC
+
+from medformer_core.data import ImageSplit
+
+
+def medmnist_metrics(y_true: np.ndarray, y_score: np.ndarray, task: str) -> dict[str, float]:
+    """AUC and ACC of scores `y_score` [N, K] against labels `y_true` [N, L] for a MedMNIST task type.
+
+    AUC is NaN when the labels hold a single class (it is undefined there).
+    """
+    try:
+        auc = float(getAUC(y_true, y_score, task))
+    except ValueError:
+        auc = math.nan
+    return {"auc": auc, "acc": float(getACC(y_true, y_score, task))}
+
+
+@torch.no_grad()
+def predict_split(model, split: ImageSplit, device: torch.device, batch_size: int = 256,
+                  task: str = "supervised") -> tuple[np.ndarray, np.ndarray]:
+    """Scores of `model.predict` over a whole labeled split: (y_true [N, L], y_score [N, K])."""
+    if split.labels is None:
+        raise ValueError(f"{split.info.name}: cannot evaluate an unlabeled split")
+    model.eval()
+    scores = []
+    for start in range(0, len(split), batch_size):
+        batch = split.batch(np.arange(start, min(start + batch_size, len(split))))
+        image = batch["image"].to(device)
+        scores.append(model.predict({**batch, "image": image}, task=task).float().cpu())
+    return np.asarray(split.labels), torch.cat(scores).numpy()

@@ -1,0 +1,53 @@
+"""PNG plots from a run's metrics.jsonl (matplotlib, headless)."""
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl file (a torn last line from a killed run is skipped)."""
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def plot_task_losses(metrics_path: Path, out_dir: Path) -> list[Path]:
+    """One PNG per task (loss against step), plus `losses.png` with every task together."""
+    series: dict[str, tuple[list[int], list[float]]] = {}
+    for record in read_metrics(metrics_path):
+        for task, loss in record.get("losses", {}).items():
+            steps, values = series.setdefault(task, ([], []))
+            steps.append(record["step"])
+            values.append(loss)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for task, (steps, values) in sorted(series.items()):
+        written.append(_plot({task: (steps, values)}, f"{task} loss", out_dir / f"loss_{task}.png"))
+    if series:
+        written.append(_plot(series, "task losses", out_dir / "losses.png", log=True))
+    return written
+
+
+def _plot(series: dict, title: str, path: Path, log: bool = False) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    for label, (steps, values) in sorted(series.items()):
+        ax.plot(steps, values, label=label)
+    ax.set(title=title, xlabel="step", ylabel="loss")
+    if log and all(v > 0 for _, values in series.values() for v in values):
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    if len(series) > 1:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
