@@ -5,7 +5,7 @@ import sys
 import typer
 from rich.markup import escape
 
-from medformer_cli import datasets_cmd, plugins_cmd, train_cmd
+from medformer_cli import bench, datasets_cmd, plugins_cmd, train_cmd
 from medformer_cli.console import err
 from medformer_core.errors import MedformerError
 from medformer_core.plugins import _own_version, plugin_manager
@@ -34,6 +34,7 @@ def build_app() -> typer.Typer:
 
     app.add_typer(plugins_cmd.app, name="plugins")
     app.add_typer(datasets_cmd.app, name="datasets")
+    app.add_typer(bench.app, name="bench")
     app.command("train")(train_cmd.train)
     app.command("finetune")(train_cmd.finetune)
     app.command("eval")(train_cmd.evaluate)
