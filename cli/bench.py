@@ -1,5 +1,6 @@
 """`medformer bench attention|patch-embed`: time the fused kernels against torch baselines."""
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -25,13 +26,22 @@ BUDGET_HELP = "Seconds of repeats per measurement (default 0.25 on GPU, 0.2 on C
 THREADS_HELP = "CPU threads for torch (torch.set_num_threads); 1 gives steadier numbers on a busy machine."
 
 
-def _setup(device: str, dtype: str, quick: bool, budget: float | None, threads: int | None):
-    """(device, dtype, quick, budget) from the options; CPU runs are quick unless shapes are given."""
+@contextlib.contextmanager
+def _cpu_threads(threads: int | None):
+    """torch's CPU thread count for the duration of a command, then back to what it was."""
+    if threads is not None and threads < 1:
+        raise UsageError(f"--threads {threads} must be at least 1")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _setup(device: str, dtype: str, quick: bool, budget: float | None):
+    """(device, dtype, budget) from the options."""
     dev = bench.resolve_device(device)
-    if threads is not None:
-        if threads < 1:
-            raise UsageError(f"--threads {threads} must be at least 1")
-        torch.set_num_threads(threads)
     if budget is not None and budget <= 0:
         raise UsageError(f"--budget {budget} must be positive")
     budget = budget or (0.1 if quick else 0.25 if dev.type == "cuda" else 0.2)
@@ -123,10 +133,11 @@ def attention_cmd(
     threads: int = typer.Option(None, help=THREADS_HELP),
 ):
     """Fused attention vs torch SDPA (each backend) and naive softmax(QK^T)V."""
-    dev, dt, budget = _setup(device, dtype, quick, budget, threads)
+    dev, dt, budget = _setup(device, dtype, quick, budget)
     shape_list = bench.parse_attention_shapes(shapes or _default_shapes(dev, quick, bench.ATTENTION_SHAPES,
                                                                         bench.ATTENTION_QUICK))
-    result = bench.bench_attention(shape_list, dt, dev, budget, on_shape=_start("attention", dev, dt))
+    with _cpu_threads(threads):
+        result = bench.bench_attention(shape_list, dt, dev, budget, on_shape=_start("attention", dev, dt))
     _report(result, json_file)
 
 
@@ -145,8 +156,8 @@ def patch_embed_cmd(
     """Fused patch embedding vs nn.Conv (kernel = stride), reshape+linear+add and embed-all-then-gather."""
     if not 0 <= keep < 1:
         raise UsageError(f"--keep {keep} must be in [0, 1)", hint="0.25 keeps a quarter of the patches")
-    dev, dt, budget = _setup(device, dtype, quick, budget, threads)
+    dev, dt, budget = _setup(device, dtype, quick, budget)
     shape_list = bench.parse_patch_shapes(shapes or _default_shapes(dev, quick, bench.PATCH_SHAPES, bench.PATCH_QUICK))
-    result = bench.bench_patch_embed(shape_list, dt, dev, budget, keep,
-                                     on_shape=_start("patch-embed", dev, dt))
+    with _cpu_threads(threads):
+        result = bench.bench_patch_embed(shape_list, dt, dev, budget, keep, on_shape=_start("patch-embed", dev, dt))
     _report(result, json_file)

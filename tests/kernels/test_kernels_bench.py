@@ -42,7 +42,7 @@ def test_time_ms_is_a_positive_median():
 
 def _run(tmp_path, *args):
     out = tmp_path / "result.json"
-    result = CliRunner().invoke(app, [*args, "--device", "cpu", "--budget", "0.002", "--json", str(out)])
+    result = CliRunner().invoke(app, [*args, "--device", "cpu", "--budget", "0.002", "--threads", "1", "--json", str(out)])
     assert result.exit_code == 0, result.output
     return result.output, json.loads(out.read_text())
 
@@ -59,6 +59,12 @@ def test_bench_attention_on_cpu(tmp_path):
     assert all(row["fwd_ms"] > 0 and row["fwdbwd_tflops"] > 0 for row in data["rows"])
 
 
+def test_threads_option_is_restored(tmp_path):
+    before = torch.get_num_threads()
+    _run(tmp_path, "attention", "--shapes", "1x1x4x16")
+    assert torch.get_num_threads() == before
+
+
 def test_bench_patch_embed_on_cpu(tmp_path):
     output, data = _run(tmp_path, "patch-embed", "--shapes", "1x1x8x8x8:4:16,1x3x8x8:4:16", "--keep", "0.5")
     assert "GB/s" in output
@@ -70,6 +76,7 @@ def test_bench_patch_embed_on_cpu(tmp_path):
 
 
 @pytest.mark.parametrize("args", [["patch-embed", "--keep", "1.5"], ["attention", "--dtype", "fp8"],
+                                  ["attention", "--threads", "0"],
                                   ["attention", "--shapes", "1x2x3"], ["attention", "--device", "tpu"]])
 def test_bench_usage_errors(args):
     result = CliRunner().invoke(app, [*args, "--device", "cpu"] if "--device" not in args else args)
