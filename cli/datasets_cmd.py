@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import typer
+from rich import box
 from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 from rich.table import Table
@@ -23,6 +24,7 @@ from medformer_plugins.medmnist_files import SPLITS, Variant, info_table, sizes_
 app = typer.Typer(help="List, download, verify and preview datasets (MedMNIST, your folders, phantoms).",
                   no_args_is_help=True)
 
+SHORT_TASKS = {"multi-label, binary-class": "multi-label", "ordinal-regression": "ordinal", "binary-class": "binary"}
 DATA_ROOT = typer.Option(None, "--data-root", help="Folder of MedMNIST files [env MEDFORMER_DATA_ROOT; default ~/.medmnist].")
 
 
@@ -75,9 +77,9 @@ def list_datasets(as_json: bool = typer.Option(False, "--json", help="Print JSON
     if as_json:
         print(json.dumps(rows, indent=2))
         return
-    table = Table(title=f"medformer datasets (data root {root})")
-    for column in ("name", "task", "dims", "ch", "train/val/test", "sizes", "local"):
-        table.add_column(column, overflow="fold")
+    table = Table(title=f"medformer datasets (data root {root})", box=box.SIMPLE_HEAD, pad_edge=False)
+    for column in ("name", "task", "input", "train/val/test", "sizes"):
+        table.add_column(column, no_wrap=True)
     families: dict[str, list[dict]] = {}
     for row in rows:
         families.setdefault(row["family"], []).append(row)
@@ -85,16 +87,17 @@ def list_datasets(as_json: bool = typer.Option(False, "--json", help="Print JSON
         first = members[0]
         splits = "/".join(str(first["split_sizes"].get(s, "-")) for s in SPLITS) if first["split_sizes"] else "-"
         if first["path"] is not None:
-            present = [str(r["size"][0]) for r in members if r["present"]]
-            local = ", ".join(present) if present else "[dim]none[/]"
-            sizes = ", ".join(map(str, first["sizes_offered"]))
+            present = {r["size"][0] for r in members if r["present"]}
+            sizes = " ".join(f"[green]{s}✓[/]" if s in present else str(s) for s in first["sizes_offered"])
         else:
-            local, sizes = "-", "any"
-        name = f"{family}:PATH or PATH" if family == "folder" else family
+            sizes = "any"
+        name = f"{family}:PATH" if family == "folder" else family
         dims = "/".join(f"{d}D" for d in first["spatial_dims"])
-        table.add_row(name, first["task"], dims, str(first["channels"] or "any"), splits, sizes, local)
+        channels = f" {first['channels']}ch" if first["channels"] else ""
+        table.add_row(name, SHORT_TASKS.get(first["task"], first["task"]), dims + channels, splits, sizes)
     out.print(table)
-    out.print("MedMNIST: `medformer datasets download NAME --size S`; sizes above 28 are named NAME_SIZE.")
+    out.print("✓ = file present in the data root. Get one with `medformer datasets download NAME --size S`; "
+              "sizes above 28 are named NAME_SIZE (e.g. retinamnist_64).", soft_wrap=True)
 
 
 @app.command("info")
