@@ -67,9 +67,18 @@ def backend_for(tensor: torch.Tensor) -> str:
 
 
 def require_built_for(tensor: torch.Tensor, interpreted: bool) -> None:
-    """Raise when CPU tensors meet kernels that were built without the interpreter (env set too late)."""
+    """Raise when the Triton kernels were built for the other kind of device than `tensor` is on.
+
+    TRITON_INTERPRET is read when the kernels load: CPU tensors need interpreted kernels, and CUDA
+    tensors compiled ones (the interpreter would run on the host, and miscomputes bf16).
+    """
     if not tensor.is_cuda and not interpreted:
         raise UsageError(
             "Triton kernels were built before TRITON_INTERPRET=1 was set, so they cannot run on CPU tensors",
             hint="set TRITON_INTERPRET=1 before the first Triton call in the process",
+        )
+    if tensor.is_cuda and interpreted:
+        raise UsageError(
+            "Triton kernels were built for the CPU interpreter (TRITON_INTERPRET=1), not for the GPU",
+            hint="unset TRITON_INTERPRET to run them on CUDA tensors",
         )

@@ -15,6 +15,7 @@ import contextlib
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from medformer_kernels.backend import interpret_enabled
 
@@ -283,6 +284,7 @@ class FusedAttention(torch.autograd.Function):
         return o
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
         need_q, need_k, need_v = ctx.needs_input_grad[:3]

@@ -15,6 +15,7 @@ import contextlib
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from medformer_kernels.backend import interpret_enabled
 from medformer_kernels.checks import PatchGeometry
@@ -209,6 +210,7 @@ class FusedPatchEmbed(torch.autograd.Function):
         return patch_embed_forward(x, weight, bias, pos, keep, geo)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout):
         x, weight, keep = ctx.saved_tensors
         geo = ctx.geo

@@ -200,3 +200,14 @@ def test_argument_errors_are_usage_errors_with_hints():
         patch_embed(torch.randn(1, 3, 9, 8), torch.randn(8, 3, 2, 2), None, None, 2)
     assert isinstance(info.value, UsageError)
     assert "pad the input" in str(info.value)
+
+
+def test_interpreted_kernels_refuse_cuda_tensors():
+    """Kernels built for the interpreter would run on the host (and miscompute bf16): a clear error instead."""
+
+    class CudaTensor:
+        is_cuda = True
+
+    with pytest.raises(UsageError, match="built for the CPU interpreter"):
+        backend.require_built_for(CudaTensor(), interpreted=True)
+    backend.require_built_for(CudaTensor(), interpreted=False)
