@@ -136,13 +136,23 @@ def download(name: str = typer.Argument(..., help="A MedMNIST dataset (retinamni
         variants = [Variant(flag, size or 28) for flag in info_table() if (size or 28) in sizes_offered(flag)]
     else:
         variants = [_variant(name, size)]
+    failures = 0
     for variant in variants:
-        with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                      console=err, transient=True, disable=not err.is_terminal) as progress:
-            task = progress.add_task(variant.file_name, total=None)
-            path, fetched = download_file(variant, root, force=force, ignore_md5=ignore_md5, mirror=mirror,
-                                          progress=lambda done, total: progress.update(task, completed=done, total=total))
+        try:
+            with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                          console=err, transient=True, disable=not err.is_terminal) as progress:
+                task = progress.add_task(variant.file_name, total=None)
+                path, fetched = download_file(variant, root, force=force, ignore_md5=ignore_md5, mirror=mirror,
+                                              progress=lambda done, total: progress.update(task, completed=done, total=total))
+        except DataError as exc:
+            if len(variants) == 1:
+                raise
+            failures += 1
+            err.print(f"[red]FAIL[/] {variant.name}: {escape(str(exc))}", soft_wrap=True, highlight=False)
+            continue
         out.print(f"{variant.name}: {'downloaded to' if fetched else 'already present and verified at'} {path}", soft_wrap=True)
+    if failures:
+        raise DataError(f"{failures} of {len(variants)} download(s) failed", hint="the others were saved; rerun to retry")
 
 
 @app.command("verify")

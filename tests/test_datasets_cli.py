@@ -206,3 +206,16 @@ def test_folder_missing_extra_through_the_cli(run_cli, tmp_path, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "pydicom", None)
     code, _, err = run_cli("datasets", "info", str(tmp_path / "d"))
     assert code == 1 and "pydicom is not installed (pip install 'medformer[dicom]')" in one_line_error(err)
+
+
+def test_download_all_continues_past_failures(run_cli, tmp_path):
+    mirror = tmp_path / "mirror"
+    write_npz(mirror, "breastmnist_128")
+    write_npz(mirror, "retinamnist_128")
+    root = tmp_path / "root"
+    code, out, err = run_cli("datasets", "download", "all", "--size", "128", "--ignore-md5", "--mirror", mirror.as_uri(),
+                             "--data-root", str(root))
+    assert code == 1 and "10 of 12 download(s) failed" in err  # only the 12 2D sets come in 128; 2 are mirrored
+    assert sorted(p.name for p in root.iterdir()) == ["breastmnist_128.npz", "retinamnist_128.npz"]
+    assert "FAIL pathmnist_128: cannot download file://" in err.replace("\n", "")
+    assert "retinamnist_128: downloaded to" in out
