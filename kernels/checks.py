@@ -72,7 +72,10 @@ class PatchGeometry:
 
 
 def _patch_tuple(patch, spatial_dims: int) -> tuple[int, ...]:
-    sizes = (patch,) * spatial_dims if isinstance(patch, int) else tuple(patch) if isinstance(patch, (tuple, list)) else ()
+    if isinstance(patch, int):
+        sizes = (patch,) * spatial_dims
+    else:
+        sizes = tuple(patch) if isinstance(patch, (tuple, list)) else ()
     if len(sizes) != spatial_dims or not all(isinstance(p, int) and not isinstance(p, bool) and p > 0 for p in sizes):
         _fail("patch_embed", f"patch must be a positive int or a tuple of {spatial_dims} positive ints, got {patch!r}")
     return sizes
@@ -118,4 +121,5 @@ def check_patch_embed(x, weight, bias, pos, patch, keep) -> PatchGeometry:
             _fail(op, f"keep has indices outside [0, {n_patches}) (the input has {n_patches} patches)")
     pd, ph, pw = (1, *sizes) if len(sizes) == 2 else sizes
     gd, gh, gw = (1, *grid) if len(grid) == 2 else grid
-    return PatchGeometry(sizes=sizes, patch=(pd, ph, pw), grid=(gd, gh, gw), n_patches=n_patches, k=c * pd * ph * pw, embed=e)
+    return PatchGeometry(sizes=sizes, patch=(pd, ph, pw), grid=(gd, gh, gw), n_patches=n_patches,
+                         k=c * pd * ph * pw, embed=e)

@@ -293,6 +293,9 @@ class FusedAttention(torch.autograd.Function):
 
 
 def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    """Fused attention with Triton (arguments already checked). q: [B, H, Nq, d], k/v: [B, H, Nk, d] -> [B, H, Nq, d]."""
+    """Fused attention with Triton (arguments already checked).
+
+    q: [B, H, Nq, d], k/v: [B, H, Nk, d] -> [B, H, Nq, d]; scale defaults to d ** -0.5.
+    """
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return FusedAttention.apply(q, k, v, scale)

@@ -85,7 +85,8 @@ def _patch_embed_fwd(X, W, BIAS, POS, KEEP, OUT,
         k_ok = ks < K_DIM
         cols = _patch_cols(ks, sxc, sxd, sxh, sxw, PD, PH, PW)
         a = tl.load(X + base[:, None] + cols[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # [BM, BK]
-        w = tl.load(W + ks[:, None] * swk + es[None, :] * swe, mask=k_ok[:, None] & e_ok[None, :], other=0.0)  # [BK, BE]
+        w = tl.load(W + ks[:, None] * swk + es[None, :] * swe,
+                    mask=k_ok[:, None] & e_ok[None, :], other=0.0)  # [BK, BE]
         acc = tl.dot(a, w, acc, input_precision=PRECISION)
 
     if HAS_BIAS:

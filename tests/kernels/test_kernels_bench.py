@@ -30,7 +30,8 @@ def test_parse_patch_shapes():
     assert shapes[-1] == bench.PatchShape(2, 3, (16, 24), (8, 4), 32)
 
 
-@pytest.mark.parametrize("text", ["8x1x64x64x64:4", "8x1x30x30:4:384", "8x1x64:4:384", "8x1x64x64:4x4x4:384", "2x1x8x8:2:3x3"])
+@pytest.mark.parametrize("text", ["8x1x64x64x64:4", "8x1x30x30:4:384", "8x1x64:4:384", "8x1x64x64:4x4x4:384",
+                                  "2x1x8x8:2:3x3"])
 def test_parse_patch_shapes_rejects(text):
     with pytest.raises(UsageError):
         bench.parse_patch_shapes(text)
@@ -42,7 +43,8 @@ def test_time_ms_is_a_positive_median():
 
 def _run(tmp_path, *args):
     out = tmp_path / "result.json"
-    result = CliRunner().invoke(app, [*args, "--device", "cpu", "--budget", "0.002", "--threads", "1", "--json", str(out)])
+    options = ["--device", "cpu", "--budget", "0.002", "--threads", "1", "--json", str(out)]
+    result = CliRunner().invoke(app, [*args, *options])
     assert result.exit_code == 0, result.output
     return result.output, json.loads(out.read_text())
 

@@ -51,7 +51,8 @@ def test_cpu_tensors_use_torch_by_default(monkeypatch, spies):
     assert spies == {"torch": 2, "triton": 0}
 
 
-@pytest.mark.parametrize("value,expected", [("torch", "torch"), ("TORCH", "torch"), ("triton", "triton"), ("auto", "torch")])
+@pytest.mark.parametrize("value,expected",
+                         [("torch", "torch"), ("TORCH", "torch"), ("triton", "triton"), ("auto", "torch")])
 def test_env_forces_a_backend_at_call_time(monkeypatch, spies, triton_device, value, expected):
     if triton_device.type != "cpu":
         pytest.skip("checks forcing Triton onto CPU tensors, which needs the interpreter")

@@ -32,6 +32,10 @@ CASES = [
 ]
 
 
+def _case_id(value) -> str:
+    return "x".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
 def _inputs(shape, patch, e, dtype, device, bias=True, pos=True, keep=None, x_grad=True, seed=0):
     """(x, weight, bias, pos, keep, grad_out); keep is None, 'subset' (a third, shuffled) or 'repeat'."""
     gen = torch.Generator().manual_seed(seed)
@@ -94,7 +98,7 @@ def _check(shape, patch, e, dtype, device, **options):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("keep", [None, "subset"])
-@pytest.mark.parametrize("shape,patch,e", CASES, ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
+@pytest.mark.parametrize("shape,patch,e", CASES, ids=_case_id)
 def test_matches_reference(triton_device, shape, patch, e, keep, dtype):
     _check(shape, patch, e, dtype, triton_device, keep=keep)
 
@@ -122,7 +126,7 @@ def test_strided_input(triton_device):
     _assert_matches(_forward_backward(_triton(4), *args), _fp32_reference(4, *args), torch.float32)
 
 
-@pytest.mark.parametrize("shape,patch,e", CASES, ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
+@pytest.mark.parametrize("shape,patch,e", CASES, ids=_case_id)
 def test_reference_matches_conv(shape, patch, e):
     x, weight, bias, pos, _, _ = _inputs(shape, patch, e, torch.float32, "cpu")
     sizes = check_patch_embed(x, weight, bias, pos, patch, None).sizes
@@ -162,18 +166,19 @@ def _assert_close_as_torch(patch, args):
             continue
         assert a.dtype == args[0].dtype and torch.isfinite(a).all(), name
         err, torch_err = (a.float() - r).abs().max().item(), (t.float() - r).abs().max().item()
-        assert err <= 3 * torch_err + 1e-3 * r.abs().max().item(), f"{name}: max error {err:.3g} vs torch's {torch_err:.3g}"
+        bound = 3 * torch_err + 1e-3 * r.abs().max().item()
+        assert err <= bound, f"{name}: max error {err:.3g} vs torch's {torch_err:.3g}"
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("keep", [None, "subset"])
-@pytest.mark.parametrize("shape,patch,e", [CASES[1], CASES[5], CASES[6]], ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
+@pytest.mark.parametrize("shape,patch,e", [CASES[1], CASES[5], CASES[6]], ids=_case_id)
 def test_gpu_bf16_matches_reference(cuda_device, shape, patch, e, keep):
     _assert_close_as_torch(patch, _inputs(shape, patch, e, torch.bfloat16, cuda_device, keep=keep))
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("keep", [None, "subset"])
-@pytest.mark.parametrize("shape,patch,e", ISSUE_SHAPES, ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
+@pytest.mark.parametrize("shape,patch,e", ISSUE_SHAPES, ids=_case_id)
 def test_gpu_issue_shapes_bf16(cuda_device, shape, patch, e, keep):
     _assert_close_as_torch(patch, _inputs(shape, patch, e, torch.bfloat16, cuda_device, keep=keep, x_grad=False))
