@@ -24,13 +24,14 @@ def default_data_root(data_root: str | Path | None = None) -> Path:
 
 
 def split_reference(ref: str) -> tuple[str, str | None]:
-    """`NAME:ARG` -> (NAME, ARG); an existing directory or a path-like ref -> ("folder", PATH)."""
+    """`NAME:ARG` -> (NAME, ARG); a path (holds "/", starts with "~" or ".") -> ("folder", PATH).
+    Dataset names never contain "/"."""
     ref = ref.strip()
     if not ref:
         raise UsageError("empty dataset reference", hint="pass a name such as retinamnist, or a directory")
-    if Path(ref).expanduser().is_dir() or ref.startswith(("/", "./", "../", "~")):
-        return FOLDER_DATASET, ref
     name, sep, arg = ref.partition(":")
+    if "/" in name or ref.startswith(("~", ".")):
+        return FOLDER_DATASET, ref
     return name.strip(), (arg if sep else None)
 
 
@@ -42,6 +43,8 @@ def resolve_dataset(ref: str, *, data_root: str | Path | None = None, **options)
     """
     name, argument = split_reference(ref)
     datasets = registries().datasets
+    if name not in datasets and argument is None and Path(ref).expanduser().is_dir():
+        name, argument = FOLDER_DATASET, ref.strip()  # a bare directory name; registered names win
     if name not in datasets:
         hint = "see all with `medformer datasets list`; a directory path selects the folder plugin"
         if argument is not None and name == FOLDER_DATASET:

@@ -20,8 +20,11 @@ def test_split_reference(tmp_path):
     assert split_reference("retinamnist") == ("retinamnist", None)
     assert split_reference("phantoms3d:size=16,count=8") == ("phantoms3d", "size=16,count=8")
     assert split_reference(str(tmp_path)) == ("folder", str(tmp_path))
+    assert split_reference("scans") == ("scans", None)  # resolve_dataset checks for a directory
     assert split_reference("./does/not/exist") == ("folder", "./does/not/exist")
     assert split_reference("folder:scans") == ("folder", "scans")
+    assert split_reference("data/scans") == ("folder", "data/scans")  # a relative path, even a missing one
+    assert split_reference("/srv/a:b") == ("folder", "/srv/a:b")
 
 
 def test_resolve_name_with_argument_and_options(tmp_path):
@@ -29,6 +32,15 @@ def test_resolve_name_with_argument_and_options(tmp_path):
     assert factory.name == "phantoms2d"
     assert (options.argument, options.data_root, options.seed, options.labeled) == ("size=16,count=8", tmp_path, 3, False)
     assert factory.info(options).size == (16, 16)
+
+
+def test_bare_directory_names_and_registered_names(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "scans").mkdir()
+    (tmp_path / "phantoms2d").mkdir()
+    factory, options = resolve_dataset("scans")
+    assert (factory.name, options.argument) == ("folder", "scans")
+    assert resolve_dataset("phantoms2d")[0].name == "phantoms2d"  # a registered name wins over a directory
 
 
 def test_unknown_name_suggests_close_matches():
