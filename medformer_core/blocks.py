@@ -114,9 +114,9 @@ class CrossBlock(nn.Module):
 
 
 def init_weights(module: nn.Module) -> None:
-    """ViT/MAE initialisation: truncated-normal linear weights, zero biases, unit LayerNorms."""
+    """MAE initialisation: xavier-uniform linear weights, zero biases, unit LayerNorms."""
     if isinstance(module, nn.Linear):
-        nn.init.trunc_normal_(module.weight, std=0.02)
+        nn.init.xavier_uniform_(module.weight)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
     elif isinstance(module, nn.LayerNorm):
