@@ -165,7 +165,7 @@ class Folder(DatasetFactory):
         self._warn(settings, scan, [], options.labeled and bool(scan.labels))
         return self._info(settings, scan, options)
 
-    def _info(self, settings: Settings, scan: "FolderScan", options: DatasetOptions) -> DatasetInfo:
+    def _info(self, settings: Settings, scan: FolderScan, options: DatasetOptions) -> DatasetInfo:
         size = self._size(settings, scan, options)
         counts = Counter()
         for sample in scan.samples:
