@@ -280,8 +280,8 @@ class OutputAdaptformer(nn.Module):
             nn.init.trunc_normal_(self.query_embed, std=0.02)
             self.register_buffer("positions", sincos_position_embedding(grid, e), persistent=False)
         self.grid = grid
-        self.blocks = nn.ModuleList(
-            CrossBlock(e, config.heads, config.mlp_ratio, qkv_bias=config.qkv_bias) for _ in range(config.decoder_depth))
+        self.blocks = nn.ModuleList(CrossBlock(e, config.heads, config.mlp_ratio, qkv_bias=config.qkv_bias)
+                                    for _ in range(config.decoder_depth))
         self.blocks.apply(init_weights)
 
     def make_queries(self, batch: int, positions: torch.Tensor | None) -> torch.Tensor:

@@ -147,7 +147,8 @@ class MultitaskModel(nn.Module):
         self.config = config
         self.dataset_infos = list(datasets)
         self.tasks = {task.name: task for task in tasks}
-        self.accepted = {info.name: [t for t in tasks if t.reject_reason(info, datasets) is None] for info in datasets}
+        self.accepted = {info.name: [t for t in tasks if t.reject_reason(info, datasets) is None]
+                         for info in datasets}
         inputs = []
         for info in datasets:
             inputs.append(InputSpec(info.spatial_dims, info.channels, tuple(info.size)))

@@ -53,7 +53,8 @@ def picture_grid(columns: dict[str, torch.Tensor]) -> Image.Image:
         draw.text((GAP + j * (cell_w + GAP), 2), title, fill=(230, 230, 230))
     for i, row in enumerate(cells):
         for j, picture in enumerate(row):
-            tile = Image.fromarray(picture).resize((picture.shape[1] * scale, picture.shape[0] * scale), Image.NEAREST)
+            size = (picture.shape[1] * scale, picture.shape[0] * scale)
+            tile = Image.fromarray(picture).resize(size, Image.NEAREST)
             canvas.paste(tile, (GAP + j * (cell_w + GAP), TITLE_HEIGHT + i * (cell_h + GAP)))
     return canvas
 

@@ -1,11 +1,12 @@
 """`domain-adversarial`: a domain classifier behind a gradient reversal layer (Ganin et al., 2016).
 
-The classifier (a query over the latents and a `label` head, one for all datasets) learns which of the run's datasets a
-batch comes from; the gradient reversal layer passes the latents through unchanged but multiplies
-the gradient flowing back into the encoder by -`coefficient`, so the encoder learns features the
-classifier cannot tell apart: domain-invariant across datasets or sites. The coefficient is fixed
-(DANN's ramp-up is left to the task weight schedule). Needs at least two datasets in the run;
-domains are the run's dataset names in sorted order.
+The classifier (a query over the latents and a `label` head, one for all datasets) learns which of
+the run's datasets a batch comes from; the gradient reversal layer passes the latents through
+unchanged but multiplies the gradient flowing back into the encoder by -`coefficient`, so the
+encoder learns features the classifier cannot tell apart: domain-invariant across datasets or
+sites. The coefficient is fixed (DANN ramps it up from 0); what it sets is the reversed gradient's
+size relative to the other tasks' gradients in the encoder. Needs at least two datasets in the
+run; the domains are the run's dataset names in sorted order.
 """
 
 from dataclasses import dataclass

@@ -78,7 +78,8 @@ class MaskedAutoencoder(PretextTask):
             target = normalise(target)[0]
         return (prediction - target).pow(2).mean()
 
-    def reconstruct_pixels(self, ctx, image: torch.Tensor, prediction: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    def reconstruct_pixels(self, ctx, image: torch.Tensor, prediction: torch.Tensor,
+                           masked: torch.Tensor) -> torch.Tensor:
         """prediction [B, n_mask, P] -> pixel values of the masked patches (undoing normalisation
         with the true patch statistics, as MAE's visualisation does)."""
         if not self.options.norm_pix_loss:

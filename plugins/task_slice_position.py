@@ -47,7 +47,7 @@ class SlicePosition(PretextTask):
     def output_spec(self, info, run):
         return OutputSpec("label", queries=1, options={"num_outputs": AXES + 1})
 
-    def draw(self, volume: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def draw(self, volume: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
         """-> axis [B] in {0, 1, 2}, slice index [B], relative position [B] in [0, 1]."""
         b = volume.shape[0]
         axis = integers(AXES, (b,), generator, volume.device)

@@ -44,7 +44,8 @@ def check_task_trains(task: PretextTask, spatial_dims: int) -> None:
     model = tiny_model([task])
     info = next(i for i in model.dataset_infos if i.spatial_dims == spatial_dims)
     if task not in model.tasks_for(info.name):
-        pytest.skip(f"{task.name} does not accept {spatial_dims}D phantoms: {task.reject_reason(info, model.dataset_infos)}")
+        reason = task.reject_reason(info, model.dataset_infos)
+        pytest.skip(f"{task.name} does not accept {spatial_dims}D phantoms: {reason}")
     results = model(phantom_batch(info), torch.Generator().manual_seed(0))
     result = results[task.name]
     assert result.loss.ndim == 0 and torch.isfinite(result.loss)
