@@ -90,10 +90,10 @@ def test_pictures_are_png_grids_for_the_tasks_that_make_them(tmp_path):
                                                "restoration-phantoms2d-step000007.png",
                                                "restoration-phantoms3d-step000007.png"]
     assert model.training  # restored after drawing
-    flat = Image.open(tmp_path / "mae-phantoms2d-step000007.png")
-    volume = Image.open(tmp_path / "mae3d-phantoms3d-step000007.png")
-    assert flat.format == "PNG" and volume.width > 2 * flat.width  # three slices per cell in 3D
-    assert flat.height == volume.height  # a row per sample, same cell height
+    with Image.open(tmp_path / "mae-phantoms2d-step000007.png") as flat, \
+            Image.open(tmp_path / "mae3d-phantoms3d-step000007.png") as volume:
+        assert flat.format == "PNG" and volume.width > 2 * flat.width  # three slices per cell in 3D
+        assert flat.height == volume.height  # a row per sample, same cell height
 
 
 def test_task_options_and_weights_are_set_by_keyword():

@@ -39,9 +39,9 @@ def tiny_model(tasks: list[PretextTask], datasets: list[DatasetInfo] | None = No
     return build_multitask_model("tiny", datasets, tasks, **{**TINY, **overrides})
 
 
-def check_task_trains(task: PretextTask, spatial_dims: int) -> None:
+def check_task_trains(task: PretextTask, spatial_dims: int, latents: int = 8) -> None:
     """Forward and backward of `task` on a phantom batch: finite loss, gradients into the encoder."""
-    model = tiny_model([task])
+    model = tiny_model([task], latents=latents)
     info = next(i for i in model.dataset_infos if i.spatial_dims == spatial_dims)
     if task not in model.tasks_for(info.name):
         reason = task.reject_reason(info, model.dataset_infos)
@@ -56,10 +56,11 @@ def check_task_trains(task: PretextTask, spatial_dims: int) -> None:
     assert any(g.abs().sum() > 0 for g in grads)
 
 
+@pytest.mark.parametrize("latents", [8, 0])
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 @pytest.mark.parametrize("name", registries().tasks.names())
-def test_every_registered_task_trains(name, spatial_dims):
-    check_task_trains(registries().tasks.get(name), spatial_dims)
+def test_every_registered_task_trains(name, spatial_dims, latents):
+    check_task_trains(registries().tasks.get(name), spatial_dims, latents)
 
 
 def test_every_task_accepts_some_phantoms():
