@@ -47,3 +47,12 @@ def test_disabling_external_plugins_hides_it(installed_example):
     listing = subprocess.run([sys.executable, "-m", "medformer_cli.app", "plugins", "list", "--json"],
                              env=env, capture_output=True, text=True)
     assert "example-noise" not in {row["name"] for row in json.loads(listing.stdout)}
+
+
+def test_installed_plugin_trains_through_the_cli(installed_example, tmp_path):
+    trained = medformer(installed_example, "train", "--plugin", "example-denoise", "--task-option",
+                        "example-denoise.noise=0.2", "--dataset", "example-noise", "--steps", "2", "--batch-size", "8",
+                        "--model-option", "embed_dim=32", "--model-option", "heads=2", "--model-option", "depth=1",
+                        "--quiet", "--out", str(tmp_path / "run"))
+    assert trained.returncode == 0, trained.stderr
+    assert "example-denoise" in trained.stdout

@@ -1,10 +1,13 @@
-"""Registers a dataset of noise images and a pretext task through medformer's hooks."""
+"""Registers a dataset of noise images and a denoising pretext task through medformer's hooks."""
+
+from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from medformer_core import hookimpl
 from medformer_core.data import DatasetInfo, DatasetOptions, ImageSplit
-from medformer_core.interfaces import DatasetFactory, PretextTask
+from medformer_core.interfaces import DatasetFactory, OutputSpec, PretextTask, TaskResult, View
 
 
 class NoiseImages(DatasetFactory):
@@ -21,13 +24,31 @@ class NoiseImages(DatasetFactory):
         info = self.info(options)
         rng = np.random.default_rng(options.seed)
         images = rng.integers(0, 256, size=(info.split_sizes[split], 1, 16, 16), dtype=np.uint8)
-        return ImageSplit(info, images)
+        return ImageSplit(info, images)  # images [N, C, H, W] uint8; labels [N, L] optional
+
+
+@dataclass(frozen=True)
+class DenoiseOptions:
+    noise: float = 0.1  # std of the Gaussian noise added to the input
 
 
 class Denoise(PretextTask):
     name = "example-denoise"
-    description = "Predict a clean image from a noisy one (example plugin)"
-    spatial_dims = (2,)
+    description = "Reconstruct a clean image from a noisy one (example plugin)"
+    spatial_dims = (2, 3)
+    Options = DenoiseOptions
+
+    def output_spec(self, info, run):
+        return OutputSpec("dense", queries="patches")  # one query per patch, pixels back
+
+    def make_view(self, ctx, batch, generator):
+        image = batch["image"]  # [B, C, *S]
+        noise = torch.randn(image.shape, generator=generator).to(image) * self.options.noise
+        return View((image + noise).clamp(0, 1), target=image)
+
+    def loss(self, ctx, prediction, view):
+        reconstruction = ctx.unpatchify(prediction, view.target)  # [B, C, *S]
+        return TaskResult((reconstruction - view.target).square().mean())
 
 
 @hookimpl

@@ -1,0 +1,215 @@
+"""The MedMNIST benchmark in one command: pretrain once per seed, then fine-tune, probe and train
+from scratch at 100%, 10% and 1% of the labels; tables and a label-efficiency plot.
+
+    python benchmarks/medmnist_recipe.py --data-root ../shared/data/medmnist            # CPU default
+    python benchmarks/medmnist_recipe.py --recipe gpu --data-root ~/.medmnist --device cuda
+
+Pretraining uses only the training splits, without labels. Model selection is on val; test is
+evaluated once per fine-tune run, on the epoch chosen on val. Results go to benchmarks/results/.
+"""
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medformer_core.config import RunConfig
+from medformer_core.datasets import default_data_root
+from medformer_core.finetune import FinetuneConfig, Finetuner
+from medformer_core.trainer import Trainer
+
+HERE = Path(__file__).resolve().parent
+BASELINES = {  # published MedMNIST v2 test AUC / ACC (Yang et al. 2023), the strongest ResNet-18 column
+    "retinamnist": ("ResNet-18 (28)", 0.717, 0.524),
+    "adrenalmnist3d": ("ResNet-18 + 3D", 0.827, 0.721),
+}
+REQUIRED = ("retinamnist", "adrenalmnist3d")
+MODES = ("finetune", "linear-probe", "scratch")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    pretrain_steps: int
+    pretrain_batch: int
+    plugins: tuple[str, ...]
+    model: str
+    finetune_epochs: int
+    probe_epochs: int
+    batch_size: int
+    fractions: tuple[float, ...] = (1.0, 0.1, 0.01)
+    seeds: tuple[int, ...] = (0, 1, 2)
+
+
+RECIPES = {
+    "cpu": Recipe(pretrain_steps=600, pretrain_batch=32, plugins=("mae", "mae3d", "rotation", "contrastive"),
+                  model="tiny", finetune_epochs=12, probe_epochs=12, batch_size=64),
+    "gpu": Recipe(pretrain_steps=20000, pretrain_batch=256, plugins=("mae", "mae3d", "rotation", "contrastive", "restoration"),
+                  model="small", finetune_epochs=100, probe_epochs=100, batch_size=128),
+    "smoke": Recipe(pretrain_steps=4, pretrain_batch=8, plugins=("mae", "mae3d"), model="tiny",
+                    finetune_epochs=1, probe_epochs=1, batch_size=32, fractions=(1.0, 0.1), seeds=(0, 1)),
+}
+
+
+def local_medmnist(data_root: Path) -> list[str]:
+    """The MedMNIST datasets (28 size) whose official file is in `data_root`; the required two first."""
+    import medmnist
+
+    found = [flag for flag in medmnist.INFO if (data_root / f"{flag}.npz").is_file()]
+    missing = [flag for flag in REQUIRED if flag not in found]
+    if missing:
+        sys.exit(f"error: {', '.join(missing)} not found in {data_root} (run `medformer datasets download NAME`)")
+    return list(REQUIRED) + sorted(set(found) - set(REQUIRED))
+
+
+def pretrain(recipe: Recipe, datasets: list[str], data_root: Path, seed: int, out: Path, device: str) -> Path:
+    run_dir = out / f"pretrain-seed{seed}"
+    if (run_dir / "encoder" / "model.safetensors").is_file():
+        return run_dir
+    config = RunConfig(plugins=list(recipe.plugins), datasets=datasets, data_root=str(data_root),
+                       model=recipe.model, steps=recipe.pretrain_steps, batch_size=recipe.pretrain_batch,
+                       seed=seed, device=device, checkpoint_every=max(1, recipe.pretrain_steps // 4),
+                       picture_every=recipe.pretrain_steps, log_every=10).validate()
+    Trainer(config, run_dir, resume=(run_dir / "checkpoints").is_dir(), quiet=True).run()
+    return run_dir
+
+
+def finetune(recipe: Recipe, dataset: str, mode: str, fraction: float, seed: int, source: Path,
+             data_root: Path, out: Path, device: str) -> dict:
+    run_dir = out / f"{dataset}-{mode}-{fraction:g}-seed{seed}"
+    if (run_dir / "results.json").is_file():
+        return json.loads((run_dir / "results.json").read_text())
+    config = FinetuneConfig(
+        dataset=dataset, source=None if mode == "scratch" else str(source), linear_probe=mode == "linear-probe",
+        label_fraction=fraction, epochs=recipe.probe_epochs if mode == "linear-probe" else recipe.finetune_epochs,
+        batch_size=recipe.batch_size, lr=1e-2 if mode == "linear-probe" else 1e-3, model=recipe.model,
+        seed=seed, data_root=str(data_root), device=device,
+    )
+    return Finetuner(config, run_dir, quiet=True).run()
+
+
+def summarise(results: list[dict]) -> dict:
+    """(dataset, mode, fraction) -> mean and std of test AUC/ACC over seeds."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["dataset"], r["mode"], r["label_fraction"]), []).append(r["test"])
+    summary = {}
+    for key, tests in groups.items():
+        auc = np.array([t["auc"] for t in tests])
+        acc = np.array([t["acc"] for t in tests])
+        summary[key] = {"auc": (float(np.nanmean(auc)), float(np.nanstd(auc))),
+                        "acc": (float(acc.mean()), float(acc.std())), "seeds": len(tests)}
+    return summary
+
+
+def markdown_table(summary: dict, datasets: list[str], fractions, command: str, hardware: str, minutes: float) -> str:
+    lines = [
+        "# MedMNIST: pretrained Medformer vs from scratch (test AUC / ACC, mean +- std over seeds)",
+        "",
+        f"Command: `{command}`  ",
+        f"Hardware: {hardware}; wall time {minutes:.0f} min.",
+        "",
+        "| dataset | labels | fine-tune (pretrained) | linear probe (pretrained) | from scratch | published |",
+        "|---|---|---|---|---|---|",
+    ]
+    for dataset in datasets:
+        name, auc, acc = BASELINES.get(dataset, ("-", math.nan, math.nan))
+        for fraction in fractions:
+            cells = []
+            for mode in MODES:
+                s = summary.get((dataset, mode, fraction))
+                cells.append("-" if s is None else
+                             f"{s['auc'][0]:.3f} +- {s['auc'][1]:.3f} / {s['acc'][0]:.3f} +- {s['acc'][1]:.3f}")
+            published = f"{name}: {auc:.3f} / {acc:.3f}" if fraction == 1.0 and name != "-" else ""
+            lines.append(f"| {dataset} | {fraction:.0%} | " + " | ".join(cells) + f" | {published} |")
+    lines += ["", "Goals (from the issue), checked on these numbers:", ""]
+    for dataset in datasets:
+        if dataset not in BASELINES:
+            continue
+        name, auc, _ = BASELINES[dataset]
+        ft = summary.get((dataset, "finetune", 1.0))
+        if ft:
+            verdict = "met" if ft["auc"][0] >= auc else "missed"
+            lines.append(f"- {dataset}, 100% labels: fine-tuned AUC {ft['auc'][0]:.3f} vs {name} {auc:.3f}: {verdict}")
+        pre, scratch = summary.get((dataset, "finetune", 0.1)), summary.get((dataset, "scratch", 0.1))
+        if pre and scratch:
+            margin = pre["auc"][0] - scratch["auc"][0]
+            spread = max(pre["auc"][1], scratch["auc"][1])
+            verdict = "met" if margin > spread else "missed"
+            lines.append(f"- {dataset}, 10% labels: pretrained - scratch = {margin:+.3f} AUC vs seed spread "
+                         f"{spread:.3f}: {verdict}")
+    return "\n".join(lines) + "\n"
+
+
+def label_efficiency_plot(summary: dict, datasets: list[str], fractions, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 4), dpi=100, squeeze=False)
+    for ax, dataset in zip(axes[0], datasets):
+        for mode in MODES:
+            points = [(f, summary[(dataset, mode, f)]["auc"]) for f in fractions if (dataset, mode, f) in summary]
+            if points:
+                xs = [100 * f for f, _ in points]
+                ax.errorbar(xs, [m for _, (m, _) in points], yerr=[s for _, (_, s) in points], marker="o",
+                            capsize=3, label=mode)
+        if dataset in BASELINES:
+            ax.axhline(BASELINES[dataset][1], color="gray", linestyle="--", label=BASELINES[dataset][0])
+        ax.set(xscale="log", title=dataset, xlabel="% of training labels", ylabel="test AUC")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default="cpu")
+    parser.add_argument("--data-root", default=None, help="default: $MEDFORMER_DATA_ROOT or ~/.medmnist")
+    parser.add_argument("--work", default="runs/medmnist-benchmark", help="run directories (resumable)")
+    parser.add_argument("--results", default=str(HERE / "results"))
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+    recipe = RECIPES[args.recipe]
+    data_root = default_data_root(args.data_root)
+    datasets = local_medmnist(data_root)
+    work, results_dir = Path(args.work) / args.recipe, Path(args.results)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    start, results = time.perf_counter(), []
+    for seed in recipe.seeds:
+        source = pretrain(recipe, datasets, data_root, seed, work, args.device)
+        print(f"[{(time.perf_counter() - start) / 60:.1f} min] pretrained seed {seed}", flush=True)
+        for dataset in datasets:
+            for fraction in recipe.fractions:
+                for mode in MODES:
+                    r = finetune(recipe, dataset, mode, fraction, seed, source, data_root, work, args.device)
+                    results.append(r)
+                    print(f"[{(time.perf_counter() - start) / 60:.1f} min] {dataset} {mode} {fraction:g} seed {seed}: "
+                          f"test AUC {r['test']['auc']:.3f} ACC {r['test']['acc']:.3f} (best epoch {r['best_epoch']})",
+                          flush=True)
+    minutes = (time.perf_counter() - start) / 60
+    summary = summarise(results)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else \
+        f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    command = "python benchmarks/medmnist_recipe.py " + " ".join(sys.argv[1:])
+    table = markdown_table(summary, datasets, recipe.fractions, command, device, minutes)
+    (results_dir / f"medmnist_{args.recipe}.md").write_text(table)
+    (results_dir / f"medmnist_{args.recipe}.json").write_text(json.dumps(
+        {"recipe": args.recipe, "minutes": minutes, "hardware": device,
+         "runs": [{k: v for k, v in r.items() if k != "history"} for r in results]}, indent=2))
+    label_efficiency_plot(summary, datasets, recipe.fractions, results_dir / f"label_efficiency_{args.recipe}.png")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
