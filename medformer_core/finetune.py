@@ -47,6 +47,7 @@ class FinetuneConfig:
     data_root: str | None = None
     device: str = "auto"
     augment: bool = True
+    eval_every: int | None = None  # epochs between val evaluations; default: about 20 over the run
 
     @property
     def mode(self) -> str:
@@ -146,6 +147,9 @@ class Finetuner:
                     scheduler.step()
                     losses.append(loss.item())
                     progress.update((epoch - 1) * steps_per_epoch + step + 1, {"loss": float(np.mean(losses))}, 0.0)
+                every = config.eval_every or max(1, config.epochs // 20)
+                if epoch % every and epoch != config.epochs:
+                    continue
                 val_metrics = medmnist_metrics(*predict_split(model, val, device), val.info.task)
                 history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val": val_metrics})
                 if best is None or _better(val_metrics, best["val"]):
