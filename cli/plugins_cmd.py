@@ -1,5 +1,6 @@
 """`medformer plugins list|show`: what is installed, who provides it, what it accepts."""
 
+import dataclasses
 import json
 
 import typer
@@ -8,7 +9,7 @@ from rich.table import Table
 from medformer_cli.console import out
 from medformer_core.data import DatasetOptions
 from medformer_core.errors import MedformerError
-from medformer_core.interfaces import DatasetFactory
+from medformer_core.interfaces import DatasetFactory, PretextTask
 from medformer_core.plugins import registries
 
 app = typer.Typer(help="List and inspect installed plugins (datasets, adapters, heads, pretext tasks).", no_args_is_help=True)
@@ -83,6 +84,10 @@ def show_plugin(name: str = typer.Argument(..., help="A plugin object's name, e.
     out.print(f"  {obj.description}")
     out.print(f"  accepts:     {_accepts(obj)}")
     out.print(f"  provided by: {entry.provider}")
+    if isinstance(obj, PretextTask):
+        options = ", ".join(f"{f.name}={getattr(obj.options, f.name)!r}" for f in dataclasses.fields(obj.options))
+        out.print(f"  options:     {options or 'none'} (set with --task-option {obj.name}.OPTION=VALUE)")
+        out.print(f"  weight:      {obj.weight}; needs labels: {'yes' if obj.needs_labels else 'no'}")
     if isinstance(obj, DatasetFactory):
         try:
             info = obj.info(DatasetOptions())

@@ -143,3 +143,9 @@ def test_plugins_add_commands(tmp_path, fresh_plugins, run_cli):
 def test_version(run_cli):
     code, out, _ = run_cli("--version")
     assert code == 0 and out.startswith("medformer ")
+
+
+def test_show_lists_a_tasks_options(run_cli):
+    code, out, _ = run_cli("plugins", "show", "mae")
+    assert code == 0
+    assert "mask_ratio=0.75" in out.replace("\n", "")
