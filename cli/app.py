@@ -8,12 +8,12 @@ from rich.markup import escape
 from medformer_cli import bench, datasets_cmd, plugins_cmd, train_cmd
 from medformer_cli.console import err
 from medformer_core.errors import MedformerError
-from medformer_core.plugins import _own_version, plugin_manager
+from medformer_core.plugins import medformer_version, plugin_manager
 
 
 def _version(value: bool):
     if value:
-        print(f"medformer {_own_version()}")
+        print(f"medformer {medformer_version()}")
         raise typer.Exit()
 
 

@@ -89,10 +89,11 @@ def _allowed_external() -> set[str] | None:
 
 
 def _builtin_provider(module_name: str) -> Provider:
-    return Provider(module_name.rsplit(".", 1)[-1], "medformer", _own_version())
+    return Provider(module_name.rsplit(".", 1)[-1], "medformer", medformer_version())
 
 
-def _own_version() -> str:
+def medformer_version() -> str:
+    """The installed medformer version ("dev" when run from a source tree without metadata)."""
     try:
         return importlib.metadata.version("medformer")
     except importlib.metadata.PackageNotFoundError:
