@@ -115,6 +115,7 @@ def finetune(
     epochs: int = typer.Option(30, min=1),
     batch_size: int = typer.Option(64, min=1),
     lr: float = typer.Option(None, min=0.0, help="Learning rate (default 1e-3; 1e-2 for a linear probe)."),
+    layer_decay: float = typer.Option(1.0, min=0.0, max=1.0, help="Layer-wise LR decay from the head down, e.g. 0.75 (1: off)."),
     model: str = typer.Option("tiny", help="Model preset when training from scratch."),
     data_root: Path = typer.Option(None, help="Where MedMNIST files live."),
     out_dir: Path = typer.Option(None, "--out", help="Run directory (default runs/finetune-DATASET-DATE-TIME)."),
@@ -127,7 +128,7 @@ def finetune(
 
     config = FinetuneConfig(
         dataset=dataset, source=source, linear_probe=linear_probe, label_fraction=label_fraction, epochs=epochs,
-        batch_size=batch_size, lr=lr if lr is not None else (1e-2 if linear_probe else 1e-3), model=model,
+        batch_size=batch_size, lr=lr if lr is not None else (1e-2 if linear_probe else 1e-3), layer_decay=layer_decay, model=model,
         data_root=str(data_root) if data_root else None, seed=seed, device=device,
     )
     run_dir = out_dir or Path("runs") / time.strftime(f"finetune-{dataset.replace(':', '-')}-%Y%m%d-%H%M%S")

@@ -42,6 +42,7 @@ class FinetuneConfig:
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 0.05
+    layer_decay: float = 1.0  # LR factor per layer from the head down (MAE/BEiT fine-tuning); 1: off
     model: str = "tiny"  # used from scratch; a source brings its own architecture
     seed: int = 0
     data_root: str | None = None
@@ -60,6 +61,9 @@ class FinetuneConfig:
             raise UsageError(f"--label-fraction must be in (0, 1], got {self.label_fraction}")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise UsageError("--epochs and --batch-size must be >= 1 and --lr > 0")
+        if not 0.0 < self.layer_decay <= 1.0:
+            raise UsageError(f"--layer-decay must be in (0, 1], got {self.layer_decay}",
+                             hint="0.75 is the usual value for fine-tuning a pretrained encoder; 1 turns it off")
         if self.linear_probe and self.source is None:
             raise UsageError("--linear-probe needs --from, a pretrained run or encoder",
                              hint="a linear probe of a random encoder measures nothing")
@@ -116,7 +120,8 @@ class Finetuner:
         train, val, test = self._load_splits()
         model = build_finetune_model(config, train.info).to(device)
         trainable = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+        groups = layer_decay_groups(model, config.lr, config.layer_decay)
+        optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
         steps_per_epoch = max(1, math.ceil(len(train) / config.batch_size))
         total = steps_per_epoch * config.epochs
         scheduler = warmup_cosine(optimizer, min(total // 10, 5 * steps_per_epoch), total)
@@ -165,6 +170,31 @@ class Finetuner:
         }
         (self.run_dir / "results.json").write_text(json.dumps(results, indent=2))
         return results
+
+
+def layer_decay_groups(model: MultitaskModel, lr: float, decay: float) -> list[dict]:
+    """AdamW parameter groups with layer-wise LR decay over the trainable parameters.
+
+    Layers count from the input side: 0 is the input adapters, dataset embeddings, latents and
+    the Input Adaptformer; body block i is i + 1; the final norm and the output heads are
+    depth + 1 and train at `lr`. Layer k trains at lr * decay ** (depth + 1 - k).
+    """
+    depth = len(model.encoder.body)
+    by_layer: dict[int, list[torch.nn.Parameter]] = {}
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            by_layer.setdefault(_layer_of(name, depth), []).append(parameter)
+    return [{"params": params, "lr": lr * decay ** (depth + 1 - layer)} for layer, params in sorted(by_layer.items())]
+
+
+def _layer_of(name: str, depth: int) -> int:
+    """The layer index of parameter `name` for layer-wise LR decay (see `layer_decay_groups`)."""
+    parts = name.split(".")
+    if parts[0] != "encoder" or parts[1] == "norm":
+        return depth + 1
+    if parts[1] == "body":
+        return int(parts[2]) + 1
+    return 0
 
 
 def _better(candidate: dict, incumbent: dict) -> bool:
