@@ -12,11 +12,13 @@ evaluated once per fine-tune run, on the epoch chosen on val. Results go to benc
 """
 
 import argparse
+import dataclasses
 import json
 import math
 import platform
 import sys
 import time
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,6 +77,11 @@ def local_medmnist(data_root: Path) -> list[str]:
 def pretrain(recipe: Recipe, datasets: list[str], data_root: Path, seed: int, out: Path, device: str) -> Path:
     """Pretrain (or find, in a resumed recipe) the encoder for `seed`; its run time goes to seconds.json."""
     run_dir = out / f"pretrain-seed{seed}"
+    if (run_dir / "config.toml").is_file():
+        found = tomllib.loads((run_dir / "config.toml").read_text())["steps"]
+        if found != recipe.pretrain_steps:
+            sys.exit(f"error: {run_dir} holds a {found}-step pretraining, not {recipe.pretrain_steps}; "
+                     "pass another --work")
     if (run_dir / "encoder" / "model.safetensors").is_file():
         return run_dir
     start = time.perf_counter()
@@ -95,15 +102,16 @@ def pretrain_seconds(run_dir: Path) -> float:
 
 def finetune(recipe: Recipe, dataset: str, mode: str, fraction: float, seed: int, source: Path,
              data_root: Path, out: Path, device: str) -> dict:
-    run_dir = out / f"{dataset}-{mode}-{fraction:g}-seed{seed}"
+    decay = recipe.layer_decay if mode == "finetune" else 1.0
+    suffix = "" if decay == 1.0 else f"-decay{decay:g}"
+    run_dir = out / f"{dataset}-{mode}-{fraction:g}-seed{seed}{suffix}"
     if (run_dir / "results.json").is_file():
         return json.loads((run_dir / "results.json").read_text())
     config = FinetuneConfig(
         dataset=dataset, source=None if mode == "scratch" else str(source), linear_probe=mode == "linear-probe",
         label_fraction=fraction, epochs=recipe.epochs[fraction], batch_size=recipe.batch_size,
-        lr=1e-2 if mode == "linear-probe" else 1e-3, layer_decay=recipe.layer_decay if mode == "finetune" else 1.0,
-        model=recipe.model,
-        seed=seed, data_root=str(data_root), device=device,
+        lr=1e-2 if mode == "linear-probe" else 1e-3, layer_decay=decay, model=recipe.model, seed=seed,
+        data_root=str(data_root), device=device,
     )
     return Finetuner(config, run_dir, quiet=True).run()
 
@@ -122,11 +130,15 @@ def summarise(results: list[dict]) -> dict:
     return summary
 
 
-def markdown_table(summary: dict, datasets: list[str], fractions, command: str, hardware: str, minutes: float) -> str:
+def markdown_table(summary: dict, datasets: list[str], recipe: Recipe, command: str, hardware: str,
+                   minutes: float) -> str:
     lines = [
         "# MedMNIST: pretrained Medformer vs from scratch (test AUC / ACC, mean +- std over seeds)",
         "",
         f"Command: `{command}`  ",
+        f"Recipe: `{recipe.model}` model, {recipe.pretrain_steps} pretraining steps of {recipe.pretrain_batch} "
+        f"({', '.join(recipe.plugins)}), fine-tune layer decay {recipe.layer_decay:g}, seeds "
+        f"{', '.join(map(str, recipe.seeds))}.  ",
         f"Hardware: {hardware}; compute time {minutes:.0f} min (pretraining plus every fine-tune run, "
         "as each run recorded it).",
         "",
@@ -135,7 +147,7 @@ def markdown_table(summary: dict, datasets: list[str], fractions, command: str, 
     ]
     for dataset in datasets:
         name, auc, acc = BASELINES.get(dataset, ("-", math.nan, math.nan))
-        for fraction in fractions:
+        for fraction in recipe.fractions:
             cells = []
             for mode in MODES:
                 s = summary.get((dataset, mode, fraction))
@@ -193,8 +205,17 @@ def main() -> None:
     parser.add_argument("--work", default="runs/medmnist-benchmark", help="run directories (resumable)")
     parser.add_argument("--results", default=str(HERE / "results"))
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--layer-decay", type=float, default=None,
+                        help="override the recipe's layer-wise LR decay for fine-tuning "
+                             "(those runs get their own directories; the rest are reused)")
+    parser.add_argument("--pretrain-steps", type=int, default=None,
+                        help="override the recipe's pretraining steps (use a fresh --work for it)")
     args = parser.parse_args()
     recipe = RECIPES[args.recipe]
+    if args.layer_decay is not None:
+        recipe = dataclasses.replace(recipe, layer_decay=args.layer_decay)
+    if args.pretrain_steps is not None:
+        recipe = dataclasses.replace(recipe, pretrain_steps=args.pretrain_steps)
     data_root = default_data_root(args.data_root)
     datasets = local_medmnist(data_root)
     work, results_dir = Path(args.work) / args.recipe, Path(args.results)
@@ -218,10 +239,11 @@ def main() -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else \
         f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
     command = "python benchmarks/medmnist_recipe.py " + " ".join(sys.argv[1:])
-    table = markdown_table(summary, datasets, recipe.fractions, command, device, minutes)
+    table = markdown_table(summary, datasets, recipe, command, device, minutes)
     (results_dir / f"medmnist_{args.recipe}.md").write_text(table)
     (results_dir / f"medmnist_{args.recipe}.json").write_text(json.dumps(
-        {"recipe": args.recipe, "minutes": minutes, "hardware": device,
+        {"recipe": args.recipe, "pretrain_steps": recipe.pretrain_steps, "layer_decay": recipe.layer_decay,
+         "minutes": minutes, "hardware": device,
          "runs": [{k: v for k, v in r.items() if k != "history"} for r in results]}, indent=2))
     label_efficiency_plot(summary, datasets, recipe.fractions, results_dir / f"label_efficiency_{args.recipe}.png")
     print(table)

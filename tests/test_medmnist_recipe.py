@@ -11,9 +11,10 @@ import numpy as np
 COUNTS = {"train": 30, "val": 10, "test": 10}
 
 
-def run_recipe(data_root, work, results):
+def run_recipe(data_root, work, results, *extra):
     command = [sys.executable, str(REPO_ROOT / "benchmarks" / "medmnist_recipe.py"), "--recipe", "smoke",
-               "--data-root", str(data_root), "--work", str(work), "--results", str(results), "--device", "cpu"]
+               "--data-root", str(data_root), "--work", str(work), "--results", str(results), "--device", "cpu",
+               *extra]
     return subprocess.run(command, capture_output=True, text=True, timeout=600)
 
 
@@ -32,13 +33,27 @@ def test_smoke_recipe_writes_table_json_and_plot_and_resumes(tmp_path):
     assert all(r["test"]["acc"] >= 0 for r in runs)
     table = (results / "medmnist_smoke.md").read_text()
     assert "| retinamnist | 100% |" in table and "| adrenalmnist3d | 10% |" in table
-    assert "ResNet-18 + 3D: 0.827" in table and "compute time" in table
+    assert "ResNet-18 + 3D: 0.827" in table and "compute time" in table and "4 pretraining steps" in table
     assert (results / "label_efficiency_smoke.png").stat().st_size > 0
     assert (work / "smoke" / "pretrain-seed0" / "seconds.json").is_file()
 
     second = run_recipe(data_root, work, results)  # every run is found on disk: same numbers
     assert second.returncode == 0, second.stderr[-2000:]
     assert (results / "medmnist_smoke.md").read_text() == table
+
+    reused = [work / "smoke" / "pretrain-seed0" / "seconds.json",
+              work / "smoke" / "retinamnist-scratch-1-seed0" / "results.json"]
+    written = [path.stat().st_mtime_ns for path in reused]
+    decayed = run_recipe(data_root, work, results, "--layer-decay", "0.5")  # new fine-tune runs, the rest reused
+    assert decayed.returncode == 0, decayed.stderr[-2000:]
+    report = json.loads((results / "medmnist_smoke.json").read_text())
+    assert report["layer_decay"] == 0.5 and len(report["runs"]) == 24
+    assert len(list((work / "smoke").glob("*-finetune-*-decay0.5"))) == 8
+    assert [path.stat().st_mtime_ns for path in reused] == written
+
+    longer = run_recipe(data_root, work, results, "--pretrain-steps", "5")  # must not reuse a 4-step encoder
+    assert longer.returncode != 0
+    assert "holds a 4-step pretraining, not 5" in longer.stderr and "--work" in longer.stderr
 
 
 def test_recipe_names_the_missing_required_file(tmp_path):
