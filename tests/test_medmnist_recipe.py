@@ -47,7 +47,7 @@ def test_smoke_recipe_writes_table_json_and_plot_and_resumes(tmp_path):
     decayed = run_recipe(data_root, work, results, "--layer-decay", "0.5")  # new fine-tune runs, the rest reused
     assert decayed.returncode == 0, decayed.stderr[-2000:]
     report = json.loads((results / "medmnist_smoke.json").read_text())
-    assert report["layer_decay"] == 0.5 and len(report["runs"]) == 24
+    assert report["layer_decay"] == 0.5 and len(report["runs"]) == 24 and 0 <= report["selection_score"] <= 1
     assert len(list((work / "smoke").glob("*-finetune-*-decay0.5"))) == 8
     assert [path.stat().st_mtime_ns for path in reused] == written
 
