@@ -54,8 +54,9 @@ class Recipe:
 
 
 RECIPES = {
-    "cpu": Recipe(pretrain_steps=800, pretrain_batch=32, plugins=("mae", "mae3d", "rotation", "contrastive"),
-                  model="tiny", epochs={1.0: 20, 0.1: 50, 0.01: 100}, batch_size=64, pretrain_per_seed=False),
+    "cpu": Recipe(pretrain_steps=2400, pretrain_batch=32, plugins=("mae", "mae3d", "rotation", "contrastive"),
+                  model="tiny", epochs={1.0: 20, 0.1: 50, 0.01: 100}, batch_size=64, pretrain_per_seed=False,
+                  layer_decay=0.75),
     "gpu": Recipe(pretrain_steps=20000, pretrain_batch=256, plugins=("mae", "mae3d", "rotation", "contrastive", "restoration"),
                   model="small", epochs={1.0: 100, 0.1: 200, 0.01: 400}, batch_size=128),
     "smoke": Recipe(pretrain_steps=4, pretrain_batch=8, plugins=("mae", "mae3d"), model="tiny",
