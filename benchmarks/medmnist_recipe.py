@@ -12,20 +12,18 @@ evaluated once per fine-tune run, on the epoch chosen on val. Results go to benc
 """
 
 import argparse
-import dataclasses
 import json
 import math
 import platform
 import sys
 import time
-import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from medformer_core.config import RunConfig
+from medformer_core.config import RunConfig, load_config
 from medformer_core.datasets import default_data_root
 from medformer_core.finetune import FinetuneConfig, Finetuner
 from medformer_core.trainer import Trainer
@@ -79,7 +77,7 @@ def pretrain(recipe: Recipe, datasets: list[str], data_root: Path, seed: int, ou
     """Pretrain (or find, in a resumed recipe) the encoder for `seed`; its run time goes to seconds.json."""
     run_dir = out / f"pretrain-seed{seed}"
     if (run_dir / "config.toml").is_file():
-        found = tomllib.loads((run_dir / "config.toml").read_text())["steps"]
+        found = load_config(run_dir / "config.toml", {}).steps
         if found != recipe.pretrain_steps:
             sys.exit(f"error: {run_dir} holds a {found}-step pretraining, not {recipe.pretrain_steps}; "
                      "pass another --work")
@@ -222,9 +220,9 @@ def main() -> None:
     args = parser.parse_args()
     recipe = RECIPES[args.recipe]
     if args.layer_decay is not None:
-        recipe = dataclasses.replace(recipe, layer_decay=args.layer_decay)
+        recipe = replace(recipe, layer_decay=args.layer_decay)
     if args.pretrain_steps is not None:
-        recipe = dataclasses.replace(recipe, pretrain_steps=args.pretrain_steps)
+        recipe = replace(recipe, pretrain_steps=args.pretrain_steps)
     data_root = default_data_root(args.data_root)
     datasets = local_medmnist(data_root)
     work, results_dir = Path(args.work) / args.recipe, Path(args.results)
