@@ -37,11 +37,27 @@ def plot_task_losses(metrics_path: Path, out_dir: Path) -> list[Path]:
     return written
 
 
-def _plot(series: dict, title: str, path: Path, log: bool = False) -> Path:
+def plot_knn(metrics_path: Path, out_dir: Path) -> list[Path]:
+    """`knn.png`: the kNN monitor's val AUC and ACC of each dataset against step, from the records
+    that carry {"knn": {dataset: {"auc": ..., "acc": ...}}}; nothing when none do."""
+    series: dict[str, tuple[list[int], list[float]]] = {}
+    for record in read_metrics(metrics_path):
+        for dataset, scores in record.get("knn", {}).items():
+            for metric, value in scores.items():
+                steps, values = series.setdefault(f"{dataset} {metric}", ([], []))
+                steps.append(record["step"])
+                values.append(value)
+    if not series:
+        return []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return [_plot(series, "kNN on val", out_dir / "knn.png", ylabel="score")]
+
+
+def _plot(series: dict, title: str, path: Path, log: bool = False, ylabel: str = "loss") -> Path:
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     for label, (steps, values) in sorted(series.items()):
         ax.plot(steps, values, label=label)
-    ax.set(title=title, xlabel="step", ylabel="loss")
+    ax.set(title=title, xlabel="step", ylabel=ylabel)
     if log and all(v > 0 for _, values in series.values() for v in values):
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
