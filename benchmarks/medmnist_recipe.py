@@ -112,7 +112,7 @@ def finetune(recipe: Recipe, dataset: str, mode: str, fraction: float, seed: int
         lr=1e-2 if mode == "linear-probe" else 1e-3, layer_decay=decay, model=recipe.model, seed=seed,
         data_root=str(data_root), device=device,
     )
-    return Finetuner(config, run_dir, quiet=True).run()
+    return Finetuner(config, run_dir, quiet=True, resume=(run_dir / "checkpoints").is_dir()).run()
 
 
 def summarise(results: list[dict]) -> dict:

@@ -2,6 +2,7 @@
 
 import time
 import tomllib
+from dataclasses import replace
 from pathlib import Path
 
 import typer
@@ -9,8 +10,9 @@ from rich.table import Table
 
 from medformer_cli.console import err, out
 from medformer_core.config import RunConfig, load_config
-from medformer_core.errors import UsageError
-from medformer_core.trainer import RunSummary, Trainer
+from medformer_core.engine import RunSummary
+from medformer_core.errors import RunStopped, UsageError
+from medformer_core.trainer import Trainer
 
 
 def _parse_pairs(pairs: list[str] | None, option: str) -> dict[str, str]:
@@ -108,31 +110,52 @@ def print_summary(summary: RunSummary, config: RunConfig) -> None:
 
 
 def finetune(
-    dataset: str = typer.Option(..., "--dataset", "-d", help="A labeled dataset, e.g. retinamnist."),
+    dataset: str = typer.Option(None, "--dataset", "-d", help="A labeled dataset, e.g. retinamnist (required unless --resume)."),
     source: str = typer.Option(None, "--from", help="A `medformer train` run directory or an exported encoder. Omit to train from scratch."),
     linear_probe: bool = typer.Option(False, "--linear-probe", help="Freeze the encoder; train only the head."),
-    label_fraction: float = typer.Option(1.0, min=0.0, max=1.0, help="Fraction of training labels (stratified, seeded)."),
-    epochs: int = typer.Option(30, min=1),
-    batch_size: int = typer.Option(64, min=1),
+    label_fraction: float = typer.Option(None, min=0.0, max=1.0, help="Fraction of training labels, stratified and seeded (default 1)."),
+    epochs: int = typer.Option(None, min=1, help="Epochs over the labeled train split (default 30)."),
+    batch_size: int = typer.Option(None, min=1, help="Samples per batch (default 64)."),
     lr: float = typer.Option(None, min=0.0, help="Learning rate (default 1e-3; 1e-2 for a linear probe)."),
-    layer_decay: float = typer.Option(1.0, min=0.0, max=1.0, help="Layer-wise LR decay from the head down, e.g. 0.75 (1: off)."),
-    model: str = typer.Option("tiny", help="Model preset when training from scratch."),
+    layer_decay: float = typer.Option(None, min=0.0, max=1.0, help="Layer-wise LR decay from the head down, e.g. 0.75 (default 1: off)."),
+    eval_every: int = typer.Option(None, min=1, help="Epochs between validations (default: about 20 per run)."),
+    label_smoothing: float = typer.Option(None, help="Label smoothing of the supervised targets, e.g. 0.1 (default 0: off)."),
+    ema: float = typer.Option(None, help="EMA decay of the weights, e.g. 0.999; validation and the saved model use the EMA (default 0: off)."),
+    mixup: float = typer.Option(None, help="Mixup alpha, e.g. 0.2 (default 0: off)."),
+    model: str = typer.Option(None, help="Model preset when training from scratch (default tiny)."),
     data_root: Path = typer.Option(None, help="Where MedMNIST files live."),
     out_dir: Path = typer.Option(None, "--out", help="Run directory (default runs/finetune-DATASET-DATE-TIME)."),
-    seed: int = typer.Option(0),
-    device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
+    seed: int = typer.Option(None, help="Random seed (default 0)."),
+    device: str = typer.Option(None, help="auto, cpu or cuda[:N] (default auto)."),
+    tensorboard: bool = typer.Option(None, "--tensorboard/--no-tensorboard", help="Also write TensorBoard events."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the fine-tune in --out from its last checkpoint."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ):
     """Fine-tune (or linear-probe) a pretrained encoder on a labeled dataset; report test AUC and ACC."""
-    from medformer_core.finetune import FinetuneConfig, Finetuner
+    from medformer_core.finetune import FinetuneConfig, Finetuner, read_finetune_config
 
-    config = FinetuneConfig(
-        dataset=dataset, source=source, linear_probe=linear_probe, label_fraction=label_fraction, epochs=epochs,
-        batch_size=batch_size, lr=lr if lr is not None else (1e-2 if linear_probe else 1e-3), layer_decay=layer_decay, model=model,
-        data_root=str(data_root) if data_root else None, seed=seed, device=device,
-    )
+    given = {
+        "dataset": dataset, "source": source, "linear_probe": linear_probe or None, "label_fraction": label_fraction,
+        "epochs": epochs, "batch_size": batch_size, "lr": lr, "layer_decay": layer_decay, "eval_every": eval_every,
+        "label_smoothing": label_smoothing, "ema": ema, "mixup": mixup, "model": model,
+        "data_root": str(data_root) if data_root else None, "seed": seed, "device": device, "tensorboard": tensorboard,
+    }
+    given = {k: v for k, v in given.items() if v is not None}
+    if resume:
+        if out_dir is None:
+            raise UsageError("--resume needs --out DIR, the fine-tune to continue")
+        config = replace(read_finetune_config(out_dir / "finetune.toml"), **given)
+    elif dataset is None:
+        raise UsageError("--dataset is required", hint="e.g. --dataset retinamnist; or --resume --out RUN to continue a fine-tune")
+    else:
+        config = FinetuneConfig(**{"lr": 1e-2 if linear_probe else 1e-3, **given})
     run_dir = out_dir or Path("runs") / time.strftime(f"finetune-{dataset.replace(':', '-')}-%Y%m%d-%H%M%S")
-    results = Finetuner(config, run_dir, quiet=quiet).run()
+    try:
+        results = Finetuner(config, run_dir, quiet=quiet, resume=resume).run()
+    except RunStopped as stop:
+        err.print(f"Stopped by {stop.signal_name} at step {stop.step}; checkpoint saved. "
+                  f"Continue with: medformer finetune --out {run_dir} --resume")
+        raise typer.Exit(stop.exit_code) from None
     print_results([results], f"{results['mode']} on {results['dataset']} ({results['label_fraction']:.0%} labels), "
                             f"best val epoch {results['best_epoch']}: {run_dir / 'results.json'}")
 

@@ -49,6 +49,13 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, state: dict, 
     return final
 
 
+def save_model_atomically(model: torch.nn.Module, path: Path) -> None:
+    """Write `model`'s weights to the safetensors file `path` through a temporary file and a rename."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_model(model, str(tmp))
+    os.replace(tmp, path)
+
+
 def load_checkpoint(path: Path, model: torch.nn.Module) -> dict:
     """Load weights into `model` and return the training state; a damaged file is a clear error."""
     model_file, state_file = path / MODEL_FILE, path / STATE_FILE

@@ -88,16 +88,16 @@ def _read_toml(path: Path) -> dict:
 def write_config(config: RunConfig, path: Path) -> None:
     """Write the resolved config as TOML (scalars and lists first, then tables)."""
     values = {k: v for k, v in asdict(config).items() if v is not None}
-    lines = [f"{k} = {_toml_value(v)}" for k, v in values.items() if not isinstance(v, dict)]
+    lines = [f"{k} = {toml_value(v)}" for k, v in values.items() if not isinstance(v, dict)]
     for key, table in values.items():
         if not isinstance(table, dict) or not table:
             continue
         nested = all(isinstance(v, dict) for v in table.values())
         if nested:
             for name, sub in table.items():
-                lines += ["", f"[{key}.{_toml_key(name)}]"] + [f"{k} = {_toml_value(v)}" for k, v in sub.items()]
+                lines += ["", f"[{key}.{_toml_key(name)}]"] + [f"{k} = {toml_value(v)}" for k, v in sub.items()]
         else:
-            lines += ["", f"[{key}]"] + [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in table.items()]
+            lines += ["", f"[{key}]"] + [f"{_toml_key(k)} = {toml_value(v)}" for k, v in table.items()]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -105,7 +105,8 @@ def _toml_key(key: str) -> str:
     return key if key.replace("_", "").replace("-", "").isalnum() else f'"{key}"'
 
 
-def _toml_value(value) -> str:
+def toml_value(value) -> str:
+    """`value` (bool, number, string or a list of them) as a TOML value."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
@@ -113,5 +114,5 @@ def _toml_value(value) -> str:
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
     raise TypeError(f"cannot write {value!r} as TOML")

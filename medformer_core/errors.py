@@ -39,3 +39,13 @@ class CheckpointError(MedformerError):
 
 class TrainingError(MedformerError):
     """Training cannot go on (a non-finite loss); the last good checkpoint stays valid."""
+
+
+class RunStopped(MedformerError):
+    """SIGINT or SIGTERM stopped a run after it checkpointed; `--resume` continues it."""
+
+    def __init__(self, signal_name: str, step: int):
+        super().__init__(f"stopped by {signal_name} at step {step}; checkpoint saved", hint="continue with --resume")
+        self.signal_name = signal_name
+        self.step = step
+        self.exit_code = 130 if signal_name == "SIGINT" else 143

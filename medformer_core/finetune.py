@@ -1,33 +1,43 @@
-"""Fine-tuning and linear probing on a labeled dataset, model selection on val, MedMNIST test metrics.
+"""Fine-tuning, linear probing and from-scratch training on one labeled dataset, on the engine.
 
-A fine-tune run directory holds `finetune.toml` (how it was made), `model.safetensors` (the weights
-of the best epoch on val) and `results.json` (val and test AUC/ACC, per-epoch history).
+A fine-tune is a run of the same loop as pretraining (`medformer_core.engine`) with one dataset,
+the `supervised` task and a validation on val every `eval_every` epochs that keeps the best
+weights. Each epoch is a seeded permutation of the labeled train split in full batches. Every
+validation is checkpointed, so `--resume` continues a killed fine-tune exactly. A run directory
+holds `finetune.toml` (how it was made), `model.safetensors` (the weights of the best validation),
+`results.json` (val and test AUC/ACC, per-validation history), `metrics.jsonl`, `plots/` and
+`checkpoints/`.
 """
 
+import copy
 import json
 import math
 import time
 import tomllib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model
 
 from medformer_core.augment import Augment
-from medformer_core.config import _toml_value
+from medformer_core.checkpoint import save_model_atomically
+from medformer_core.config import toml_value
 from medformer_core.datasets import resolve_dataset
-from medformer_core.errors import CheckpointError, UsageError
+from medformer_core.devices import resolve_device
+from medformer_core.engine import Engine, LoopSettings
+from medformer_core.errors import CheckpointError, RunStopped, UsageError
 from medformer_core.evaluation import medmnist_metrics, predict_split
 from medformer_core.model import ModelConfig, read_export_config
 from medformer_core.multitask import MultitaskModel, build_multitask_model
 from medformer_core.plugins import registries
-from medformer_core.progress import TrainingProgress
+from medformer_core.sampling import MultiDatasetSampler
 from medformer_core.schedule import warmup_cosine
-from medformer_core.trainer import resolve_device
+from medformer_core.weighting import make_weighting
 
 SUPERVISED_TASK = "supervised"
+WEIGHTS_FILE = "model.safetensors"
 
 
 @dataclass
@@ -49,6 +59,10 @@ class FinetuneConfig:
     device: str = "auto"
     augment: bool = True
     eval_every: int | None = None  # epochs between val evaluations; default: about 20 over the run
+    label_smoothing: float = 0.0  # of the supervised targets (see plugins/task_supervised.py); 0: off
+    ema: float = 0.0  # decay of an EMA of the weights, validated and saved instead of them; 0: off
+    mixup: float = 0.0  # mixup alpha: pairs mixed with weight ~ Beta(alpha, alpha); 0: off
+    tensorboard: bool = False
 
     @property
     def mode(self) -> str:
@@ -67,6 +81,18 @@ class FinetuneConfig:
         if self.linear_probe and self.source is None:
             raise UsageError("--linear-probe needs --from, a pretrained run or encoder",
                              hint="a linear probe of a random encoder measures nothing")
+        if self.eval_every is not None and self.eval_every < 1:
+            raise UsageError(f"--eval-every must be >= 1 epoch, got {self.eval_every}",
+                             hint="omit it for about 20 validations per run")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise UsageError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}",
+                             hint="0.1 is usual; 0 turns it off")
+        if not 0.0 <= self.ema < 1.0:
+            raise UsageError(f"--ema must be in [0, 1), got {self.ema}",
+                             hint="a decay such as 0.999 averages about the last 1000 steps; 0 turns it off")
+        if self.mixup < 0.0:
+            raise UsageError(f"--mixup must be >= 0, got {self.mixup}",
+                             hint="it is the Beta(alpha, alpha) parameter, e.g. 0.2; 0 turns it off")
         return self
 
 
@@ -82,7 +108,7 @@ def encoder_dir(source: str) -> Path:
 
 def build_finetune_model(config: FinetuneConfig, info) -> MultitaskModel:
     """The supervised model for `info`; with a source, its encoder is loaded (and frozen for a probe)."""
-    task = registries().tasks.get(SUPERVISED_TASK)
+    task = registries().tasks.get(SUPERVISED_TASK).with_options(label_smoothing=config.label_smoothing)
     if config.source is None:
         return build_multitask_model(config.model, [info], [task])
     source = encoder_dir(config.source)
@@ -93,13 +119,56 @@ def build_finetune_model(config: FinetuneConfig, info) -> MultitaskModel:
     return model
 
 
-class Finetuner:
-    """Trains the supervised head (and the encoder unless probing), keeps the best epoch on val."""
+def epoch_sampler(name: str, size: int, batch_size: int, seed: int, rank: int = 0,
+                  world_size: int = 1) -> MultiDatasetSampler:
+    """Batches of one dataset of `size` samples: each epoch a seeded permutation (this rank's shard
+    of it) in full batches; a tail smaller than a batch is dropped, and a shard smaller than one
+    batch is a single batch of all of it."""
+    shard = size // world_size
+    if shard < 1:
+        raise UsageError(f"dataset '{name}' has {size} training samples, fewer than the {world_size} processes",
+                         hint="run fewer processes")
+    return MultiDatasetSampler({name: size}, min(batch_size, shard), seed=seed, rank=rank, world_size=world_size)
 
-    def __init__(self, config: FinetuneConfig, run_dir: Path, quiet: bool = False):
+
+def mixup(batch: dict, partner: torch.Tensor, weight: float) -> dict:
+    """Mix each sample with sample `partner` [B] int64: image weight * x + (1 - weight) * x[partner]
+    ([B, C, *S], 2D or 3D); `batch["mixup"]` tells the supervised task to mix the targets alike."""
+    image = batch["image"]
+    return {**batch, "image": weight * image + (1.0 - weight) * image[partner], "mixup": (partner, weight)}
+
+
+class WeightEMA:
+    """An exponential moving average of a model's weights: after each step
+    ema = decay * ema + (1 - decay) * weights. `model` is the averaged copy (eval mode, frozen),
+    starting from the weights it was made from."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        live = model.state_dict()
+        for name, average in self.model.state_dict().items():
+            if average.is_floating_point():
+                average.lerp_(live[name], 1.0 - self.decay)
+            else:
+                average.copy_(live[name])
+
+
+class Finetuner(Engine):
+    """Trains the supervised head (and the encoder unless probing), keeps the best validation, and
+    evaluates those weights on test. `run()` returns the results dict it writes to results.json."""
+
+    def __init__(self, config: FinetuneConfig, run_dir: Path, quiet: bool = False, *, resume: bool = False):
         self.config = config.validate()
-        self.run_dir = run_dir
-        self.quiet = quiet
+        settings = LoopSettings(seed=config.seed, device=config.device, grad_clip=1.0, augment=config.augment,
+                                tensorboard=config.tensorboard)
+        super().__init__(run_dir, settings, resume=resume, quiet=quiet)
+
+    def save_config(self) -> None:
+        write_finetune_config(self.config, self.run_dir / "finetune.toml")
 
     def _load_splits(self):
         config = self.config
@@ -113,62 +182,117 @@ class Finetuner:
                              hint="choose a labeled dataset, e.g. a MedMNIST one")
         return train, val, test
 
-    def run(self) -> dict:
+    def build(self) -> None:
         config = self.config
-        torch.manual_seed(config.seed)
-        device = resolve_device(config.device)
-        train, val, test = self._load_splits()
-        model = build_finetune_model(config, train.info).to(device)
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        groups = layer_decay_groups(model, config.lr, config.layer_decay)
-        optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
-        steps_per_epoch = max(1, math.ceil(len(train) / config.batch_size))
-        total = steps_per_epoch * config.epochs
-        scheduler = warmup_cosine(optimizer, min(total // 10, 5 * steps_per_epoch), total)
-        generator = torch.Generator(device=device).manual_seed(config.seed)
-        order_rng = np.random.default_rng(config.seed)
-        augment = Augment(train.info.spatial_dims, rot90=False, crop_scale=(0.8, 1.0), blur_prob=0.0)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        write_finetune_config(config, self.run_dir / "finetune.toml")
-        best, history = None, []
-        start = time.perf_counter()
-        with TrainingProgress(total, 0, disable=self.quiet) as progress:
-            for epoch in range(1, config.epochs + 1):
-                model.train()
-                if config.linear_probe:
-                    model.encoder.eval()  # frozen features: no dropout or stochastic depth
-                order = order_rng.permutation(len(train))
-                losses = []
-                for step in range(steps_per_epoch):
-                    batch = train.batch(order[step * config.batch_size:(step + 1) * config.batch_size])
-                    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-                    if config.augment:
-                        batch["image"] = augment(batch["image"], generator)
-                    loss = model(batch, generator)[SUPERVISED_TASK].loss
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-                    optimizer.step()
-                    scheduler.step()
-                    losses.append(loss.item())
-                    progress.update((epoch - 1) * steps_per_epoch + step + 1, {"loss": float(np.mean(losses))}, 0.0)
-                every = config.eval_every or max(1, config.epochs // 20)
-                if epoch % every and epoch != config.epochs:
-                    continue
-                val_metrics = medmnist_metrics(*predict_split(model, val, device), val.info.task)
-                history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val": val_metrics})
-                if best is None or _better(val_metrics, best["val"]):
-                    best = {"epoch": epoch, "val": val_metrics}
-                    save_model(model, str(self.run_dir / "model.safetensors"))
-        load_model(model, str(self.run_dir / "model.safetensors"))
-        test_metrics = medmnist_metrics(*predict_split(model, test, device), test.info.task)
+        self.train_split, self.val, self.test = self._load_splits()
+        info = self.train_split.info
+        self.splits = {info.name: self.train_split}
+        self.model = build_finetune_model(config, info).to(self.device)
+        self.weighting = make_weighting("fixed", {SUPERVISED_TASK: 1.0})
+        groups = layer_decay_groups(self.model, config.lr, config.layer_decay)
+        self.optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+        self.sampler = epoch_sampler(info.name, len(self.train_split), config.batch_size, config.seed,
+                                     self.dist.rank, self.dist.world_size)
+        self.steps_per_epoch = self.sampler.steps_per_epoch()
+        self.total_steps = self.steps_per_epoch * config.epochs
+        warmup = min(self.total_steps // 10, 5 * self.steps_per_epoch)
+        self.scheduler = warmup_cosine(self.optimizer, warmup, self.total_steps)
+        dims = info.spatial_dims
+        self.augment = {dims: Augment(dims, rot90=False, crop_scale=(0.8, 1.0), blur_prob=0.0)}
+        self.eval_every = config.eval_every or max(1, config.epochs // 20)
+        self.settings = replace(self.settings, log_every=self.steps_per_epoch,
+                                checkpoint_every=self.steps_per_epoch * self.eval_every)
+        self.ema = WeightEMA(self.model, config.ema) if config.ema else None
+        self.best: dict | None = None  # {"epoch": e, "val": {"auc", "acc"}} of the best validation
+        self.best_weights: dict[str, torch.Tensor] = {}  # its weights (CPU)
+        self.history: list[dict] = []
+        self.epoch_loss = [0.0, 0]  # sum and count of the step losses of the current epoch
+        self.seconds_before = 0.0  # training time before a resume
+
+    @property
+    def eval_model(self) -> MultitaskModel:
+        """The weights that are validated and saved: the EMA when on."""
+        return self.model if self.ema is None else self.ema.model
+
+    def train_mode(self) -> None:
+        super().train_mode()
+        if self.config.linear_probe:
+            self.model.encoder.eval()  # frozen features: no dropout or stochastic depth
+
+    def prepare_batch(self, batch: dict) -> dict:
+        """Augment, then mixup with a partner order and weight drawn from (seed, rank, step)."""
+        batch = super().prepare_batch(batch)
+        if not self.config.mixup:
+            return batch
+        rng = np.random.default_rng([self.config.seed, self.dist.rank, self.step])
+        partner = torch.from_numpy(rng.permutation(len(batch["image"]))).to(batch["image"].device)
+        return mixup(batch, partner, float(rng.beta(self.config.mixup, self.config.mixup)))
+
+    def after_step(self, losses: dict[str, float]) -> None:
+        if self.ema is not None:
+            self.ema.update(self.model)
+        self.epoch_loss = [self.epoch_loss[0] + losses[SUPERVISED_TASK], self.epoch_loss[1] + 1]
+        if self.step % self.steps_per_epoch:
+            return
+        epoch = self.step // self.steps_per_epoch
+        train_loss, self.epoch_loss = self.epoch_loss[0] / self.epoch_loss[1], [0.0, 0]
+        if epoch % self.eval_every == 0 or epoch == self.config.epochs:
+            self.validate(epoch, train_loss)
+
+    def validate(self, epoch: int, train_loss: float) -> None:
+        """Val AUC/ACC into the history and metrics.jsonl; a new best is kept and written to
+        RUN/model.safetensors."""
+        model = self.eval_model
+        val = medmnist_metrics(*predict_split(model, self.val, self.device), self.val.info.task)
+        self.history.append({"epoch": epoch, "train_loss": train_loss, "val": val})
+        self.write_record({"step": self.step, "epoch": epoch, "val": val},
+                          {"val/auc": val["auc"], "val/acc": val["acc"]})
+        if self.best is None or _better(val, self.best["val"]):
+            self.best = {"epoch": epoch, "val": val}
+            self.best_weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            if self.dist.is_main:
+                save_model_atomically(model, self.run_dir / WEIGHTS_FILE)
+
+    def seconds(self) -> float:
+        """Training time of the run, over every session."""
+        return self.seconds_before + time.perf_counter() - self.started
+
+    def extra_state(self) -> dict:
+        state = {"best": self.best, "best_weights": self.best_weights, "history": self.history,
+                 "epoch_loss": self.epoch_loss, "seconds": self.seconds()}
+        if self.ema is not None:
+            state["ema"] = self.ema.model.state_dict()
+        return state
+
+    def load_extra_state(self, state: dict) -> None:
+        self.best, self.best_weights, self.history = state["best"], state["best_weights"], state["history"]
+        self.epoch_loss, self.seconds_before = list(state["epoch_loss"]), state["seconds"]
+        if self.ema is not None:
+            if "ema" not in state:
+                raise UsageError("cannot resume with --ema: the checkpoint holds no EMA weights",
+                                 hint="resume with the options the run was started with")
+            self.ema.model.load_state_dict(state["ema"])
+
+    def run(self) -> dict:
+        """Train (or resume), then evaluate the best weights on test; returns the results, also
+        written to RUN/results.json. A run stopped by a signal raises RunStopped."""
+        self.started = time.perf_counter()
+        summary = super().run()
+        if summary.stopped_by is not None:
+            raise RunStopped(summary.stopped_by, summary.steps)
+        self.model.load_state_dict(self.best_weights)
+        if self.dist.is_main:
+            save_model_atomically(self.model, self.run_dir / WEIGHTS_FILE)
+        test_metrics = medmnist_metrics(*predict_split(self.model, self.test, self.device), self.test.info.task)
+        config, train = self.config, self.train_split
         results = {
             "dataset": train.info.name, "task": train.info.task, "mode": config.mode, "source": config.source,
             "label_fraction": config.label_fraction, "train_samples": len(train), "seed": config.seed,
-            "epochs": config.epochs, "best_epoch": best["epoch"], "val": best["val"], "test": test_metrics,
-            "seconds": time.perf_counter() - start, "history": history,
+            "epochs": config.epochs, "best_epoch": self.best["epoch"], "val": self.best["val"], "test": test_metrics,
+            "seconds": self.seconds(), "history": self.history,
         }
-        (self.run_dir / "results.json").write_text(json.dumps(results, indent=2))
+        if self.dist.is_main:
+            (self.run_dir / "results.json").write_text(json.dumps(results, indent=2))
         return results
 
 
@@ -204,7 +328,7 @@ def _better(candidate: dict, incumbent: dict) -> bool:
 
 
 def write_finetune_config(config: FinetuneConfig, path: Path) -> None:
-    lines = [f"{k} = {_toml_value(v)}" for k, v in asdict(config).items() if v is not None]
+    lines = [f"{k} = {toml_value(v)}" for k, v in asdict(config).items() if v is not None]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -225,7 +349,7 @@ def evaluate_run(run_dir: Path, split: str = "test", data_root: str | None = Non
     factory, options = resolve_dataset(config.dataset, data_root=config.data_root, seed=config.seed, labeled=True)
     data = factory.build(split, options)
     model = build_finetune_model(config, data.info)
-    weights = run_dir / "model.safetensors"
+    weights = run_dir / WEIGHTS_FILE
     try:
         load_model(model, str(weights))
     except Exception as exc:

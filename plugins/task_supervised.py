@@ -13,7 +13,14 @@ Ordinal regression uses CORAL (Cao, Mirjalili and Raschka, 2020): rank-consisten
 class probabilities are P(y > k - 1) - P(y > k), clipped at 0 and renormalised, so MedMNIST's
 evaluator (argmax accuracy, one-vs-rest AUC) reads them like multi-class scores.
 Labels [B, L] int64; a row with a negative entry counts as unlabeled and is left out of the loss.
+
+Option `label_smoothing` (eps): the cross-entropy types train on (1 - eps) * one-hot + eps / K; the
+BCE types (multi-label, ordinal) move each target toward 0.5: (1 - eps) * t + eps / 2.
+Mixup: a batch may carry `mixup` = (partner [B] int64, weight w), its image being
+w * x + (1 - w) * x[partner]; the targets are mixed alike, w * t + (1 - w) * t[partner].
 """
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -34,11 +41,32 @@ def ordinal_probabilities(cumulative_logits: torch.Tensor) -> torch.Tensor:
     return probabilities / probabilities.sum(dim=1, keepdim=True).clamp_min(1e-12)
 
 
+def soft_targets(kind: str, labels: torch.Tensor, width: int) -> torch.Tensor:
+    """Labels [B, L] (non-negative) -> float targets [B, width] of the loss for MedMNIST task `kind`:
+    one-hot classes (cross-entropy types), the label columns (multi-label), or P(y > k) (ordinal)."""
+    if kind == MULTI_LABEL:
+        return labels.float()
+    if kind == ORDINAL:
+        levels = torch.arange(width, device=labels.device)
+        return (labels[:, :1] > levels).float()
+    return F.one_hot(labels[:, 0], width).float()
+
+
+@dataclass(frozen=True)
+class SupervisedOptions:
+    label_smoothing: float = 0.0  # eps: toward uniform classes (CE) or toward 0.5 (BCE types); 0: off
+
+    def __post_init__(self):
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+
+
 class Supervised(PretextTask):
     name = "supervised"
     description = "The dataset's own labels: binary, multi-class, multi-label or ordinal (CORAL)"
     spatial_dims = (2, 3)
     needs_labels = True
+    Options = SupervisedOptions
 
     def reject_reason(self, info, run):
         reason = super().reject_reason(info, run)
@@ -54,23 +82,31 @@ class Supervised(PretextTask):
         return OutputSpec("label", queries=1, options={"num_outputs": info.num_classes})
 
     def make_view(self, ctx, batch, generator):
-        return View(batch["image"], target=batch["label"])  # label: [B, L]
+        return View(batch["image"], target=(batch["label"], batch.get("mixup")))  # label: [B, L]
 
     def loss(self, ctx, prediction, view):
-        labeled = (view.target >= 0).all(dim=1)
+        labels, mix = view.target  # labels [B, L]; mix: None or (partner [B], weight)
+        labeled = (labels >= 0).all(dim=1)  # [B]
+        if mix is not None:
+            labeled = labeled & labeled[mix[0]]
         if not labeled.any():
             return TaskResult(prediction.sum() * 0.0, {})
-        logits, labels = prediction[labeled], view.target[labeled]
         kind = ctx.info.task
+        targets = soft_targets(kind, labels.clamp_min(0), prediction.shape[1])  # [B, K]
+        if mix is not None:
+            partner, weight = mix
+            targets = weight * targets + (1.0 - weight) * targets[partner]
+        logits, targets, labels = prediction[labeled], targets[labeled], labels[labeled]
+        eps = self.options.label_smoothing
+        if kind in (MULTI_LABEL, ORDINAL):
+            loss = F.binary_cross_entropy_with_logits(logits, (1.0 - eps) * targets + 0.5 * eps)
+        else:
+            loss = F.cross_entropy(logits, targets, label_smoothing=eps)
         if kind == MULTI_LABEL:
-            loss = F.binary_cross_entropy_with_logits(logits, labels.float())
             accuracy = ((logits > 0) == labels.bool()).float().mean()
         elif kind == ORDINAL:
-            levels = torch.arange(logits.shape[1], device=labels.device)
-            loss = F.binary_cross_entropy_with_logits(logits, (labels[:, :1] > levels).float())
             accuracy = (ordinal_probabilities(logits).argmax(dim=1) == labels[:, 0]).float().mean()
         else:
-            loss = F.cross_entropy(logits, labels[:, 0])
             accuracy = (logits.argmax(dim=1) == labels[:, 0]).float().mean()
         return TaskResult(loss, {"accuracy": accuracy.item()})
 

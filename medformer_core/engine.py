@@ -1,0 +1,369 @@
+"""The training engine: one loop for pretraining and every downstream mode.
+
+Each step the engine draws a batch from the run's sampler, prepares it (augmentation), runs every
+task of the model on it, combines the losses, steps the optimizer, logs and checkpoints. What every
+run needs is done here once: exact resume from the last checkpoint, SIGINT/SIGTERM (finish the
+step, checkpoint, exit), a stop on a non-finite loss, DDP under torchrun, the progress bar,
+`metrics.jsonl`, TensorBoard and the loss plots.
+
+What differs between runs comes from a subclass (`Trainer` for pretraining, `Finetuner` for
+fine-tuning): `build()` makes the model, data, sampler and optimizer, and a few hooks add periodic
+work (pictures, validation) and resumable state of their own.
+"""
+
+import json
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from medformer_core.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from medformer_core.devices import resolve_device
+from medformer_core.distributed import DistInfo, any_rank, init_distributed, shutdown_distributed
+from medformer_core.errors import TrainingError, UsageError
+from medformer_core.plots import plot_task_losses
+from medformer_core.progress import TrainingProgress
+
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """How the engine steps, logs and checkpoints; each kind of run maps its config onto these."""
+
+    seed: int = 0
+    device: str = "auto"
+    accumulate: int = 1  # batches per optimizer step
+    grad_clip: float = 1.0  # max gradient norm; 0 turns clipping off
+    augment: bool = True  # apply the run's `augment` to every training batch
+    log_every: int = 10  # steps between metrics.jsonl records
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    tensorboard: bool = False
+
+
+@dataclass
+class RunSummary:
+    """What a finished (or interrupted) run did."""
+
+    run_dir: Path
+    steps: int  # the step reached
+    samples: int  # samples seen in this session (not before a resume)
+    seconds: float
+    first_losses: dict[str, float] = field(default_factory=dict)
+    last_losses: dict[str, float] = field(default_factory=dict)
+    stopped_by: str | None = None
+
+
+class LossWindow:
+    """Running means of each task's loss since the last log line."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, losses: dict[str, float]) -> None:
+        for name, value in losses.items():
+            self.sums[name] = self.sums.get(name, 0.0) + value
+            self.counts[name] = self.counts.get(name, 0) + 1
+
+    def means(self) -> dict[str, float]:
+        return {name: self.sums[name] / self.counts[name] for name in sorted(self.sums)}
+
+    def clear(self) -> None:
+        self.sums.clear()
+        self.counts.clear()
+
+    def state_dict(self) -> dict:
+        return {"sums": dict(self.sums), "counts": dict(self.counts)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sums, self.counts = dict(state["sums"]), dict(state["counts"])
+
+
+class Engine:
+    """The training loop shared by every run. A subclass's `build()` sets
+
+        splits      {dataset name: ImageSplit}, what the sampler's indices point into
+        sampler     an endless iterator of (dataset name, indices), with state_dict/load_state_dict
+        model       the MultitaskModel: model(batch, generator) -> {task name: TaskResult}
+        weighting   combines the task losses into one (`make_weighting`)
+        augment     {spatial dims: Augment} for training batches (used when settings.augment)
+        optimizer, scheduler, total_steps
+
+    and may override the hooks `save_config`, `prepare_batch`, `train_mode`, `after_step`,
+    `extra_state`/`load_extra_state` and `save`. `build()` may also refine `self.settings` once
+    the data is known (e.g. checkpoint at every validation).
+    """
+
+    def __init__(self, run_dir: Path, settings: LoopSettings, *, resume: bool = False, quiet: bool = False):
+        self.run_dir = run_dir
+        self.settings = settings
+        self.resume = resume
+        self.quiet = quiet
+        self.stop_requested: str | None = None
+        self.metrics_file = None
+        self.writer = None
+
+    # -- what a run supplies --------------------------------------------------------------------
+
+    def build(self) -> None:
+        """Make the data, sampler, model, weighting, augmentation and optimizer (see the class)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement build")
+
+    def save_config(self) -> None:
+        """Write how the run was made into the run directory (rank 0, before `build`)."""
+
+    def prepare_batch(self, batch: dict) -> dict:
+        """The training batch the tasks see: augmented when `settings.augment`."""
+        if self.settings.augment:
+            batch["image"] = self.augment[batch["spatial_dims"]](batch["image"], self.generator)
+        return batch
+
+    def train_mode(self) -> None:
+        """Put the model in training mode before each step."""
+        self.forward_model.train()
+
+    def after_step(self, losses: dict[str, float]) -> None:
+        """Periodic work after each optimizer step, before its checkpoint (if any) is written."""
+
+    def extra_state(self) -> dict:
+        """The run's own resumable state (tensors, numbers, strings, lists and dicts of them)."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        """Restore what `extra_state` returned."""
+
+    # -- set-up ---------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        """Resolve the device, join DDP, check the run directory, build the run, and restore its
+        last checkpoint when resuming."""
+        settings = self.settings
+        self.device = resolve_device(settings.device)
+        self.dist: DistInfo = init_distributed(self.device.type)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+        self._check_run_dir()
+        torch.manual_seed(settings.seed)
+        self.build()
+        # Task and augmentation randomness (CPU generator: the same stream on any device).
+        self.generator = torch.Generator().manual_seed(settings.seed * 1000 + self.dist.rank)
+        self.forward_model = self.model
+        if self.dist.enabled:
+            self.forward_model = DistributedDataParallel(self.model, find_unused_parameters=True)
+        self.step = 0
+        self.samples = 0
+        self.window = LossWindow()
+        if self.resume:
+            self._restore()
+        self.writer = self._tensorboard() if self.dist.is_main else None
+
+    def _check_run_dir(self) -> None:
+        has_checkpoint = latest_checkpoint(self.checkpoint_root) is not None
+        if self.resume and not has_checkpoint:
+            raise UsageError(f"--resume: no checkpoint in {self.checkpoint_root}",
+                             hint="start without --resume, or point --out at the run to continue")
+        if not self.resume and has_checkpoint:
+            raise UsageError(f"run directory {self.run_dir} already holds checkpoints",
+                             hint="pass --resume to continue it, or choose another --out")
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if not self.resume:
+                (self.run_dir / METRICS_FILE).unlink(missing_ok=True)  # from a run killed before any checkpoint
+            self.save_config()
+
+    def _tensorboard(self):
+        if not self.settings.tensorboard:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise UsageError("--tensorboard needs the tensorboard package",
+                             hint="pip install 'medformer[tensorboard]'") from None
+        return SummaryWriter(str(self.run_dir / "tensorboard"))
+
+    @property
+    def checkpoint_root(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    # -- checkpoints ------------------------------------------------------------------------------
+
+    def _training_state(self) -> dict:
+        state = {
+            "step": self.step,
+            "samples": self.samples,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "weighting": self.weighting.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "loss_window": self.window.state_dict(),
+            "run": self.extra_state(),
+        }
+        if self.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def save(self) -> Path | None:
+        """Checkpoint the model and the training state (rank 0); returns the checkpoint directory."""
+        if not self.dist.is_main:
+            return None
+        return save_checkpoint(self.checkpoint_root, self.step, self.model, self._training_state(),
+                               keep=self.settings.keep_checkpoints)
+
+    def _restore(self) -> None:
+        path = latest_checkpoint(self.checkpoint_root)
+        state = load_checkpoint(path, self.model)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.weighting.load_state_dict(state["weighting"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        if "cuda_rng" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        self.step, self.samples = state["step"], state["samples"]
+        if "loss_window" in state:
+            self.window.load_state_dict(state["loss_window"])
+        self.load_extra_state(state.get("run", {}))
+        if self.dist.is_main:
+            keep_records_until(self.run_dir / METRICS_FILE, self.step)
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    def train_step(self) -> tuple[str, dict[str, float]]:
+        """One optimizer step over `accumulate` batches; returns the dataset and each task's loss."""
+        self.train_mode()
+        accumulate = self.settings.accumulate
+        losses_out: dict[str, float] = {}
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        for _ in range(accumulate):
+            dataset, indices = next(self.sampler)
+            batch = self.prepare_batch(self._to_device(self.splits[dataset].batch(indices)))
+            with autocast:
+                results = self.forward_model(batch, self.generator)
+            losses = {name: result.loss.float() for name, result in results.items()}
+            self._check_finite(losses, dataset)
+            total = self.weighting(losses) / accumulate
+            total.backward()
+            for name, loss in losses.items():
+                losses_out[name] = losses_out.get(name, 0.0) + loss.item() / accumulate
+            self.samples += len(indices) * self.dist.world_size
+        if self.settings.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return dataset, losses_out
+
+    def _check_finite(self, losses: dict[str, torch.Tensor], dataset: str) -> None:
+        bad = {name: float(loss.detach()) for name, loss in losses.items() if not torch.isfinite(loss)}
+        if any_rank(bool(bad), self.dist, self.device):
+            name, value = next(iter(bad.items())) if bad else ("(another rank)", float("nan"))
+            last = latest_checkpoint(self.checkpoint_root)
+            kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+            raise TrainingError(
+                f"task '{name}' gave a non-finite loss ({value}) at step {self.step + 1} on dataset '{dataset}'",
+                hint=f"{kept}; lower --lr or check the data",
+            )
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def _handle_signal(self, signum, frame) -> None:
+        self.stop_requested = signal.Signals(signum).name
+
+    def run(self) -> RunSummary:
+        self.setup()
+        previous = {s: signal.signal(s, self._handle_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            return self._loop()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            if self.writer is not None:
+                self.writer.close()
+            shutdown_distributed(self.dist)
+
+    def _loop(self) -> RunSummary:
+        settings = self.settings
+        window, first, last = self.window, {}, {}
+        self.metrics_file = (self.run_dir / METRICS_FILE).open("a") if self.dist.is_main else None
+        progress = TrainingProgress(self.total_steps, self.step, disable=self.quiet or not self.dist.is_main)
+        start, start_samples = time.perf_counter(), self.samples
+        try:
+            with progress:
+                while self.step < self.total_steps:
+                    tick = time.perf_counter()
+                    dataset, losses = self.train_step()
+                    window.add(losses)
+                    for name, value in losses.items():
+                        first.setdefault(name, value)
+                        last[name] = value
+                    rate = (self.samples - start_samples) / max(1e-9, time.perf_counter() - start)
+                    progress.update(self.step, window.means(), rate)
+                    if self.step % settings.log_every == 0 or self.step == self.total_steps:
+                        self._log(dataset, window.means(), rate, time.perf_counter() - tick)
+                        window.clear()
+                    self.after_step(losses)
+                    stop = any_rank(self.stop_requested is not None, self.dist, self.device)
+                    if stop or self.step % settings.checkpoint_every == 0 or self.step == self.total_steps:
+                        self.save()
+                    if stop:
+                        break
+        finally:
+            if self.metrics_file is not None:
+                self.metrics_file.close()
+                self.metrics_file = None
+        if self.dist.is_main:
+            plot_task_losses(self.run_dir / METRICS_FILE, self.run_dir / "plots")
+        return RunSummary(self.run_dir, self.step, self.samples - start_samples, time.perf_counter() - start,
+                          first, last, stopped_by=self.stop_requested)
+
+    def write_record(self, record: dict, scalars: dict[str, float]) -> None:
+        """Append `record` to metrics.jsonl and `scalars` to TensorBoard at this step (rank 0 only)."""
+        if self.metrics_file is not None:
+            self.metrics_file.write(json.dumps(record) + "\n")
+            self.metrics_file.flush()
+        if self.writer is not None:
+            for name, value in scalars.items():
+                self.writer.add_scalar(name, value, self.step)
+
+    def _log(self, dataset: str, losses: dict[str, float], rate: float, step_seconds: float) -> None:
+        record = {
+            "step": self.step,
+            "samples": self.samples,
+            "lr": self.scheduler.get_last_lr()[0],
+            "dataset": dataset,
+            "losses": losses,
+            "weights": self.weighting.current_weights(),
+            "samples_per_s": rate,
+            "step_seconds": step_seconds,
+        }
+        scalars = {f"loss/{name}": value for name, value in losses.items()}
+        self.write_record(record, {**scalars, "lr": record["lr"], "samples_per_s": rate})
+
+
+def keep_records_until(path: Path, step: int) -> None:
+    """Keep the records of a metrics.jsonl up to `step` (a resumed run writes the later ones again);
+    a torn line from a killed run is dropped. Written to a temporary file and renamed."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("step", 0) <= step:
+            kept.append(line + "\n")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
