@@ -1,9 +1,10 @@
 """The Medformer: input adapters -> Input Adaptformer -> Body, and the Output Adaptformer.
 
     image [B, C, H, W] / volume [B, C, D, H, W]
-      -> input adapter of its modality (patch embedding + sin-cos positions) + dataset embedding
-                                                                          -> tokens  [B, N, E]
-      -> Input Adaptformer: M learned latents cross-attend to the tokens   -> latents [B, M, E]
+      -> input adapter of its modality (convolutional stem or patch embedding, + sin-cos positions)
+         + dataset embedding                                               -> tokens  [B, N, E]
+      -> Input Adaptformer: M latents, each its learned embedding plus the mean of the tokens of
+         its region of the input, cross-attend to all tokens              -> latents [B, M, E]
       -> Body: pre-norm transformer blocks over the latents, final LayerNorm
       -> Output Adaptformer (per task): queries cross-attend to the latents -> a task head
 
@@ -11,13 +12,20 @@ With `latents=0` the tokens go straight into the body (a plain ViT): the baselin
 The encoder (`Medformer`: adapters, dataset embeddings, latents, Input Adaptformer, body) exports to
 `model.safetensors` + `config.json` and loads back with `Medformer.from_pretrained`.
 
+Why the pooled start (`latent_pool`): learned latents alone begin nearly identical and read an
+input-independent average of the tokens, which slows optimisation badly on small data; starting
+each latent from its own region gives the body distinct, image-dependent latents from step one.
+The default adapters are convolutional stems (`conv2d`, `conv3d`), which fit small medical sets
+far faster than a single patch projection.
+
 Modalities: the model keeps one input adapter per (adapter, channel count), keyed e.g.
-`patch3d_1ch`, shared by every dataset of that modality (a patch projection pretrained on one CT set
+`conv3d_1ch`, shared by every dataset of that modality (a patch projection pretrained on one CT set
 transfers to another); each dataset adds its own learned embedding, zero at start.
 """
 
 import dataclasses
 import difflib
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,13 +38,15 @@ from torch import nn
 from medformer_core.blocks import Block, CrossBlock, init_weights
 from medformer_core.errors import CheckpointError, UsageError
 from medformer_core.interfaces import InputSpec
-from medformer_core.patches import sincos_position_embedding
+from medformer_core.patches import grid_shape, sincos_position_embedding
 from medformer_core.plugins import registries
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 EXPORT_FORMAT = "medformer-encoder"
 EXPORT_VERSION = 1
+# Model fields added after the first version-1 exports, at the value those exports were made with.
+LEGACY_MODEL_FIELDS = {"latent_pool": False}
 
 
 @dataclass(frozen=True)
@@ -48,10 +58,11 @@ class ModelConfig:
     heads: int = 3
     mlp_ratio: float = 4.0
     latents: int = 64  # M; 0 feeds the tokens straight to the body (plain ViT)
+    latent_pool: bool = True  # each latent starts from the mean of its region's tokens (see latent_regions)
     patch2d: int = 4
     patch3d: int = 4
-    adapter2d: str = "patch2d"
-    adapter3d: str = "patch3d"
+    adapter2d: str = "conv2d"
+    adapter3d: str = "conv3d"
     drop_path: float = 0.0  # stochastic depth of the last body block (linear from 0)
     decoder_depth: int = 1  # cross-attention blocks in each task's Output Adaptformer
     qkv_bias: bool = True
@@ -164,11 +175,17 @@ class Medformer(nn.Module):
                              hint=f"it was built for: {', '.join(self.datasets)}")
         return self.adapter_for(x)(x, keep) + self.dataset_embed[key]
 
-    def adapt(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Input Adaptformer: tokens [B, N, E] -> latents [B, M, E]; identity when M == 0."""
+    def adapt(self, tokens: torch.Tensor, regions: torch.Tensor | None = None) -> torch.Tensor:
+        """Input Adaptformer: tokens [B, N, E] -> latents [B, M, E]; identity when M == 0.
+
+        With `regions` [B, N] (the latent region of each token, see `latent_regions`), each latent
+        starts from its learned embedding plus the mean of its region's tokens, then reads all tokens.
+        """
         if self.latents is None:
             return tokens
         latents = self.latents.expand(tokens.shape[0], -1, -1)
+        if regions is not None:
+            latents = latents + region_means(tokens, regions, self.config.latents)
         return self.input_adaptformer(latents, tokens)
 
     def forward_body(self, latents: torch.Tensor) -> torch.Tensor:
@@ -177,9 +194,19 @@ class Medformer(nn.Module):
             latents = block(latents)
         return self.norm(latents)
 
+    def regions_of(self, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor | None:
+        """The latent region of each embedded token of x [B, C, *S]: [B, N | n_keep]; None without pooling."""
+        if self.latents is None or not self.config.latent_pool:
+            return None
+        grid = grid_shape(tuple(x.shape[2:]), tuple(self.adapter_for(x).patch_size))
+        regions = latent_regions(grid, self.config.latents).to(x.device)
+        if keep is None:
+            return regions.expand(x.shape[0], -1)
+        return regions[keep]
+
     def forward(self, x: torch.Tensor, dataset: str, keep: torch.Tensor | None = None) -> torch.Tensor:
         """x: [B, C, *S] of `dataset` -> latents [B, M, E] (or tokens [B, N | n_keep, E] if M == 0)."""
-        return self.forward_body(self.adapt(self.embed(x, dataset, keep)))
+        return self.forward_body(self.adapt(self.embed(x, dataset, keep), self.regions_of(x, keep)))
 
     def export_config(self) -> dict:
         return {
@@ -219,6 +246,43 @@ class Medformer(nn.Module):
         return encoder
 
 
+def latent_grid(latents: int, dims: int) -> tuple[int, ...]:
+    """Split M latents into a `dims`-D grid as even as it can be: 32 -> (4, 8) or (2, 4, 4)."""
+    if dims == 1:
+        return (latents,)
+    side = max(d for d in range(1, latents + 1) if latents % d == 0 and d ** dims <= latents)
+    return (side,) + latent_grid(latents // side, dims - 1)
+
+
+@functools.lru_cache(maxsize=64)
+def latent_regions(grid: tuple[int, ...], latents: int) -> torch.Tensor:
+    """The latent each token of a patch grid pools into: [N] int64, row-major like the tokens.
+
+    The M latents tile the input as a coarse grid (`latent_grid`); token (i, j, ...) goes to latent
+    cell (i * L0 // G0, j * L1 // G1, ...). A latent cell that no token reaches keeps only its
+    learned embedding.
+    """
+    cells = sorted(latent_grid(latents, len(grid)), reverse=True)
+    order = sorted(range(len(grid)), key=lambda axis: -grid[axis])  # the longest input axes get the most cells
+    shape = [0] * len(grid)
+    for axis, count in zip(order, cells):
+        shape[axis] = count
+    coords = torch.meshgrid(*[torch.arange(g) * c // g for g, c in zip(grid, shape)], indexing="ij")
+    region = torch.zeros(grid, dtype=torch.long)
+    for axis, coord in enumerate(coords):
+        region = region * shape[axis] + coord
+    return region.flatten()
+
+
+def region_means(tokens: torch.Tensor, regions: torch.Tensor, latents: int) -> torch.Tensor:
+    """tokens [B, N, E], regions [B, N] -> the mean token of each region [B, M, E] (0 where empty)."""
+    b, _, e = tokens.shape
+    index = regions.unsqueeze(-1).expand(-1, -1, e)
+    sums = tokens.new_zeros(b, latents, e).scatter_add_(1, index, tokens)
+    counts = tokens.new_zeros(b, latents, 1).scatter_add_(1, regions.unsqueeze(-1), tokens.new_ones(b, regions.shape[1], 1))
+    return sums / counts.clamp_min(1.0)
+
+
 def read_export_config(directory: Path) -> dict:
     """The parsed `config.json` of an exported encoder; a clear CheckpointError otherwise."""
     path = directory / CONFIG_FILE
@@ -234,6 +298,8 @@ def read_export_config(directory: Path) -> dict:
     if exported.get("version") != EXPORT_VERSION:
         raise CheckpointError(f"{path} has export version {exported.get('version')}; this medformer reads "
                               f"version {EXPORT_VERSION}")
+    if isinstance(exported.get("model"), dict):
+        exported["model"] = {**LEGACY_MODEL_FIELDS, **exported["model"]}
     return exported
 
 

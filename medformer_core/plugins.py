@@ -24,6 +24,7 @@ BUILTIN_PLUGINS = (
     "medformer_plugins.medmnist",
     "medformer_plugins.folder",
     "medformer_plugins.adapters",
+    "medformer_plugins.conv_adapters",
     "medformer_plugins.heads",
     "medformer_plugins.task_rotation",
     "medformer_plugins.task_mae",

@@ -12,13 +12,14 @@ from medformer_core.multitask import count_parameters
 from medformer_core.plugins import registries
 from test_registry_smoke import phantom_batch, phantom_info, tiny_model
 
+PATCH_ADAPTERS = {"adapter2d": "patch2d", "adapter3d": "patch3d"}  # the conv stems: test_conv_adapters.py
 CASES = [("patch2d", size, c) for size in (28, 64, 128, 224) for c in (1, 3)] + \
         [("patch3d", size, c) for size in (28, 64) for c in (1, 2)]
 
 
 def encoder(spatial_dims=2, channels=1, size=16, latents=8, **overrides) -> Medformer:
     torch.manual_seed(0)
-    options = {"embed_dim": 32, "depth": 1, "heads": 2, "mlp_ratio": 2.0, **overrides}
+    options = {"embed_dim": 32, "depth": 1, "heads": 2, "mlp_ratio": 2.0, **PATCH_ADAPTERS, **overrides}
     config = ModelConfig(latents=latents, **options)
     return Medformer(config, [InputSpec(spatial_dims, channels, (size,) * spatial_dims)], ["data"])
 

@@ -1,6 +1,7 @@
 """Encoder export: safetensors + config.json round trips exactly; loading into a new multitask
 model reports what it kept and ignored; damaged or mismatched exports are clear errors."""
 
+import dataclasses
 import json
 
 import pytest
@@ -13,9 +14,12 @@ from medformer_core.plugins import registries
 from test_registry_smoke import phantom_batch, phantom_info, tiny_model
 
 
+PATCH_ADAPTERS = {"adapter2d": "patch2d", "adapter3d": "patch3d"}  # few, stable adapter tensor names
+
+
 @pytest.fixture
 def exported(tmp_path):
-    model = tiny_model([registries().tasks.get("rotation")])
+    model = tiny_model([registries().tasks.get("rotation")], **PATCH_ADAPTERS)
     model.encoder.save_pretrained(tmp_path / "encoder")
     return model, tmp_path / "encoder"
 
@@ -46,7 +50,7 @@ def test_export_key_names_are_stable(exported):
 def test_load_encoder_reports_missing_and_unexpected_keys(exported):
     model, path = exported
     rgb = phantom_info(2, channels=3)  # a modality the export has no adapter for
-    target = tiny_model([registries().tasks.get("rotation")], [rgb], seed=1)
+    target = tiny_model([registries().tasks.get("rotation")], [rgb], seed=1, **PATCH_ADAPTERS)
     report = target.load_encoder(path)
     assert report.missing == ["adapters.patch2d_3ch.bias", "adapters.patch2d_3ch.weight"]
     assert "adapters.patch3d_1ch.weight" in report.unexpected and "dataset_embed.phantoms3d" in report.unexpected
@@ -57,7 +61,7 @@ def test_load_encoder_reports_missing_and_unexpected_keys(exported):
 
 def test_load_encoder_into_the_same_run_loads_everything(exported):
     model, path = exported
-    same = tiny_model([registries().tasks.get("rotation")], seed=3)
+    same = tiny_model([registries().tasks.get("rotation")], seed=3, **PATCH_ADAPTERS)
     report = same.load_encoder(path)
     assert (report.missing, report.unexpected) == ([], [])
     assert all(torch.equal(v, model.encoder.state_dict()[k]) for k, v in same.encoder.state_dict().items())
@@ -65,7 +69,7 @@ def test_load_encoder_into_the_same_run_loads_everything(exported):
 
 def test_another_architecture_is_refused(exported):
     _, path = exported
-    wider = tiny_model([registries().tasks.get("rotation")], embed_dim=64)
+    wider = tiny_model([registries().tasks.get("rotation")], embed_dim=64, **PATCH_ADAPTERS)
     with pytest.raises(CheckpointError, match="embed_dim 32 != 64"):
         wider.load_encoder(path)
 
@@ -91,3 +95,16 @@ def test_a_tensor_of_the_wrong_shape_is_named(exported, tmp_path):
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=r"'adapters.patch2d_1ch.weight' has shape \[32, 1, 4, 4\]"):
         Medformer.from_pretrained(path)
+
+
+def test_an_export_from_before_pooled_latents_loads_as_it_was_made(exported):
+    model, path = exported
+    config = json.loads((path / "config.json").read_text())
+    assert config["model"].pop("latent_pool") is True
+    (path / "config.json").write_text(json.dumps(config))
+    loaded = Medformer.from_pretrained(path)
+    assert loaded.config.latent_pool is False
+    model.encoder.config = dataclasses.replace(model.encoder.config, latent_pool=False)
+    model.eval()
+    x = phantom_batch(model.dataset_infos[0])["image"]
+    assert torch.equal(model.encoder(x, model.dataset_infos[0].name), loaded(x, model.dataset_infos[0].name))
