@@ -66,6 +66,7 @@ def train(
     seed: int = typer.Option(None, help="Random seed (default 0)."),
     device: str = typer.Option(None, help="auto, cpu or cuda[:N]."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
+    knn_every: int = typer.Option(None, min=0, help="Steps between kNN val AUC/ACC of each labeled dataset (default 200; 0: off)."),
     tensorboard: bool = typer.Option(None, "--tensorboard/--no-tensorboard", help="Also write TensorBoard events."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ):
@@ -81,7 +82,7 @@ def train(
         "model_options": _toml_values(_parse_pairs(model_option, "--model-option")) or None,
         "task_weights": {k: float(v) for k, v in _parse_pairs(task_weight, "--task-weight").items()} or None,
         "tasks": _task_options(task_option) or None, "accumulate": accumulate, "seed": seed,
-        "device": device, "tensorboard": tensorboard,
+        "device": device, "knn_every": knn_every, "tensorboard": tensorboard,
     }
     try:
         run_config = load_config(config, overrides)

@@ -40,6 +40,7 @@ class RunConfig:
     keep_checkpoints: int = 2
     picture_every: int = 100
     log_every: int = 10
+    knn_every: int = 200  # steps between kNN evaluations on the labeled datasets' val splits; 0: off
     tensorboard: bool = False
 
     def validate(self) -> "RunConfig":
@@ -47,6 +48,8 @@ class RunConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise UsageError(f"option '{name}' must be >= 1, got {getattr(self, name)}")
+        if self.knn_every < 0:
+            raise UsageError(f"option 'knn_every' must be >= 0 (0 turns the kNN monitor off), got {self.knn_every}")
         if self.lr <= 0 or self.temperature <= 0:
             raise UsageError("options 'lr' and 'temperature' must be > 0")
         if self.epochs is not None and self.epochs <= 0:

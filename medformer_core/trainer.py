@@ -18,15 +18,18 @@ from medformer_core.augment import Augment
 from medformer_core.config import RunConfig, write_config
 from medformer_core.data import ImageSplit
 from medformer_core.datasets import resolve_dataset
-from medformer_core.engine import Engine, LoopSettings
+from medformer_core.engine import METRICS_FILE, Engine, LoopSettings
 from medformer_core.errors import UsageError
+from medformer_core.knn import KnnMonitor
 from medformer_core.multitask import MultitaskModel, build_multitask_model, check_tasks_accept
+from medformer_core.plots import plot_knn
 from medformer_core.plugins import registries
 from medformer_core.sampling import MultiDatasetSampler
 from medformer_core.schedule import warmup_cosine
 from medformer_core.weighting import make_weighting
 
 PICTURE_SAMPLES = 4
+KNN_MAX_TRAIN = 2000  # train samples in the kNN monitor's memory bank (a stratified subset)
 
 
 def base_augment(spatial_dims: int) -> Augment:
@@ -111,6 +114,7 @@ class Trainer(Engine):
             temperature=config.temperature, seed=config.seed, rank=self.dist.rank, world_size=self.dist.world_size,
         )
         self.augment = {dims: base_augment(dims) for dims in {info.spatial_dims for info in infos}}
+        self.monitors = self.knn_monitors()
 
     def _param_groups(self) -> list[dict]:
         """No weight decay on biases, norms, embeddings and latent/query tokens (1-D or named so)."""
@@ -131,9 +135,36 @@ class Trainer(Engine):
         per_step = config.batch_size * config.accumulate * self.dist.world_size
         return max(1, math.ceil(config.epochs * samples / per_step))
 
+    def knn_monitors(self) -> list[KnnMonitor]:
+        """A kNN monitor for every dataset of the run with labeled train and val splits (rank 0)."""
+        config = self.config
+        if not config.knn_every or not self.dist.is_main:
+            return []
+        monitors = []
+        for ref in config.datasets:
+            factory, options = resolve_dataset(ref, data_root=config.data_root, seed=config.seed, labeled=True)
+            info = factory.info(options)
+            if info.task == "none" or not info.split_sizes.get("val"):
+                continue
+            train, val = factory.build("train", options), factory.build("val", options)
+            if train.labels is not None and val.labels is not None and len(train):
+                monitors.append(KnnMonitor(train, val, max_train=KNN_MAX_TRAIN))
+        return monitors
+
     def after_step(self, losses: dict[str, float]) -> None:
-        if self.dist.is_main and (self.step % self.config.picture_every == 0 or self.step == self.total_steps):
+        last = self.step == self.total_steps
+        if self.dist.is_main and (self.step % self.config.picture_every == 0 or last):
             self._pictures()
+        if self.monitors and (self.step % self.config.knn_every == 0 or last):
+            self._knn(last)
+
+    def _knn(self, last: bool) -> None:
+        """Log the kNN val AUC/ACC of every monitored dataset; plot them at the end of the run."""
+        scores = {monitor.name: monitor.evaluate(self.model.encoder, self.device) for monitor in self.monitors}
+        scalars = {f"knn/{name}/{metric}": value for name, s in scores.items() for metric, value in s.items()}
+        self.write_record({"step": self.step, "knn": scores}, scalars)
+        if last:
+            plot_knn(self.run_dir / METRICS_FILE, self.run_dir / "plots")
 
     def save(self) -> Path | None:
         """Checkpoint, then export the encoder beside it (rank 0)."""

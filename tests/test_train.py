@@ -1,6 +1,7 @@
 """`medformer train / finetune / eval` end to end on tiny phantoms: run directory, resume, faults."""
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -30,14 +31,24 @@ def write_config(path: Path, **values) -> Path:
 
 def losses_by_step(run_dir: Path) -> dict[int, dict[str, float]]:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["losses"] for r in records}
+    return {r["step"]: r["losses"] for r in records if "losses" in r}
+
+
+def knn_by_step(run_dir: Path) -> dict[int, dict[str, dict]]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["knn"] for r in records if "knn" in r}
 
 
 def test_train_writes_a_complete_run_directory(tmp_path, run_cli):
     run = tmp_path / "run"
-    config = write_config(tmp_path / "run.toml", checkpoint_every=2, log_every=1, picture_every=4)
+    config = write_config(tmp_path / "run.toml", checkpoint_every=2, log_every=1, picture_every=4, knn_every=3)
     code, out, err = run_cli("train", *TINY, "--steps", "4", "--config", str(config), "--out", str(run))
     assert code == 0, err
+    knn = knn_by_step(run)
+    assert sorted(knn) == [3, 4] and sorted(knn[4]) == ["phantoms2d", "phantoms3d"]  # every 3 steps, and the last
+    for scores in knn[4].values():  # 12 val phantoms may miss a class: AUC is then undefined (NaN)
+        assert 0.0 <= scores["acc"] <= 1.0 and (math.isnan(scores["auc"]) or 0.0 <= scores["auc"] <= 1.0)
+    assert (run / "plots" / "knn.png").is_file()
     assert (run / "config.toml").read_text().count("steps = 4") == 1
     assert sorted(losses_by_step(run)) == [1, 2, 3, 4]
     assert set(losses_by_step(run)[4]) <= {"mae", "mae3d", "rotation", "contrastive"}
