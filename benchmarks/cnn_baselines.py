@@ -36,12 +36,13 @@ from torch import nn
 
 from medformer_core.data import DatasetInfo, ImageSplit
 from medformer_core.datasets import resolve_dataset
+from medformer_core.devices import resolve_device
 from medformer_core.errors import MedformerError, UsageError
 from medformer_core.evaluation import medmnist_metrics, predict_split
+from medformer_plugins.task_supervised import MULTI_LABEL
 from resnet import resnet18_for
 
 MODE = "resnet18"
-MULTI_LABEL = "multi-label, binary-class"  # MedMNIST's task type name
 LR = 1e-3
 MILESTONES = (0.5, 0.75)  # fractions of the epochs after which the lr is multiplied by 0.1
 
@@ -71,13 +72,6 @@ class Classifier(nn.Module):
         """Scores [B, K] for MedMNIST's evaluator: sigmoid (multi-label) or softmax. `task` is unused."""
         logits = self(batch["image"])
         return torch.sigmoid(logits) if self.task == MULTI_LABEL else torch.softmax(logits, dim=1)
-
-
-def pick_device(name: str) -> torch.device:
-    """`auto` is CUDA when available, else the CPU; any other name is passed to torch."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def load_splits(dataset: str, label_fraction: float, seed: int, data_root) -> tuple[ImageSplit, ImageSplit, ImageSplit]:
@@ -138,7 +132,7 @@ def train_resnet(dataset: str, label_fraction: float, seed: int, epochs: int, da
     if (run_dir / "results.json").is_file():
         return reuse(run_dir / "results.json", label_fraction, seed, epochs, batch_size)
     torch.manual_seed(seed)
-    target = pick_device(device)
+    target = resolve_device(device)
     train, val, test = load_splits(dataset, label_fraction, seed, data_root)
     model = Classifier(train.info).to(target)
     optimizer = torch.optim.Adam(model.parameters(), lr=LR)

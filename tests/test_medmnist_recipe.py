@@ -61,3 +61,25 @@ def test_recipe_names_the_missing_required_file(tmp_path):
     result = run_recipe(tmp_path / "data", tmp_path / "work", tmp_path / "results")
     assert result.returncode != 0
     assert "retinamnist, adrenalmnist3d not found" in result.stderr and "datasets download" in result.stderr
+
+
+def test_goals_compare_with_the_resnet_of_the_same_table(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
+    import medmnist_recipe
+
+    summary = {
+        ("adrenalmnist3d", "finetune", 1.0): {"auc": (0.84, 0.01)},
+        ("adrenalmnist3d", "resnet18", 1.0): {"auc": (0.85, 0.02)},
+        ("adrenalmnist3d", "finetune", 0.1): {"auc": (0.80, 0.01)},
+        ("adrenalmnist3d", "resnet18", 0.1): {"auc": (0.77, 0.02)},
+        ("adrenalmnist3d", "scratch", 0.1): {"auc": (0.79, 0.02)},
+        ("retinamnist", "finetune", 1.0): {"auc": (0.72, 0.01)},
+    }
+    lines = medmnist_recipe.goal_lines(summary, "adrenalmnist3d", (1.0, 0.1))
+    assert lines[0].startswith("- adrenalmnist3d, 100% labels: fine-tuned AUC 0.840 vs ResNet-18 (this machine) 0.850")
+    assert lines[0].endswith("missed")
+    assert "(+0.030, spread 0.020): met" in lines[1]  # 10%: beats the ResNet-18 by more than the spread
+    assert "pretrained - scratch = +0.010 AUC vs seed spread 0.020: missed" in lines[2]
+    published = medmnist_recipe.goal_lines(summary, "retinamnist", (1.0, 0.1))
+    assert published == ["- retinamnist, 100% labels: fine-tuned AUC 0.720 vs ResNet-18 (28) (published) 0.717 "
+                         "(+0.003): met"]
