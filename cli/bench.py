@@ -124,7 +124,7 @@ def _start(op: str, dev, dtype):
 @app.command("attention")
 def attention_cmd(
     shapes: str = typer.Option(None, help="Comma-separated BxHxNxd (self) or BxHxNqxNkxd (cross attention). "
-                               f"Default on GPU, the issue's: {bench.ATTENTION_SHAPES}."),
+                               f"Default on GPU: {bench.ATTENTION_SHAPES}."),
     dtype: str = typer.Option("auto", help=DTYPE_HELP),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     json_file: Path = typer.Option(None, "--json", help=JSON_HELP),
@@ -144,7 +144,7 @@ def attention_cmd(
 @app.command("patch-embed")
 def patch_embed_cmd(
     shapes: str = typer.Option(None, help="Comma-separated BxCx<2 or 3 sizes>:patch:E, patch P or PxPxP. "
-                               f"Default on GPU, the issue's: {bench.PATCH_SHAPES}."),
+                               f"Default on GPU: {bench.PATCH_SHAPES}."),
     keep: float = typer.Option(0.25, help="Also time embedding only this fraction of the patches (MAE); 0: skip."),
     dtype: str = typer.Option("auto", help=DTYPE_HELP),
     device: str = typer.Option("auto", help=DEVICE_HELP),

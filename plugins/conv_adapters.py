@@ -21,10 +21,8 @@ import torch
 from torch import nn
 
 from medformer_core import hookimpl
-from medformer_core.errors import UsageError
-from medformer_core.interfaces import InputAdapter
-from medformer_core.patches import grid_shape, pad_to_multiple, sincos_position_embedding
-from medformer_plugins.adapters import AXES
+from medformer_core.patches import grid_shape, pad_to_multiple
+from medformer_plugins.adapters import GridAdapter, GridEmbedding
 
 CONV = {2: nn.Conv2d, 3: nn.Conv3d}
 
@@ -42,16 +40,11 @@ def group_norm(width: int) -> nn.GroupNorm:
     return nn.GroupNorm(8 if width % 8 == 0 else 1, width)
 
 
-class ConvStem(nn.Module):
+class ConvStem(GridEmbedding):
     """x: [B, C, *S] -> tokens [B, N, E] (or [B, n_keep, E] with `keep` [B, n_keep])."""
 
     def __init__(self, name: str, spatial_dims: int, channels: int, embed_dim: int, patch: int):
-        super().__init__()
-        self.name = name
-        self.spatial_dims = spatial_dims
-        self.channels = channels
-        self.embed_dim = embed_dim
-        self.patch_size = (patch,) * spatial_dims
+        super().__init__(name, spatial_dims, channels, embed_dim, patch)
         conv = CONV[spatial_dims]
         strides = stem_strides(patch)
         layers, width_in = [], channels
@@ -62,28 +55,6 @@ class ConvStem(nn.Module):
             width_in = width
         layers.append(conv(width_in, embed_dim, 1))
         self.stem = nn.Sequential(*layers)
-        self._positions: dict[tuple, torch.Tensor] = {}
-
-    def check(self, x: torch.Tensor) -> None:
-        """Raise a UsageError naming the expected shape when `x` does not fit this adapter."""
-        fits = (
-            x.ndim == 2 + self.spatial_dims
-            and x.shape[1] == self.channels
-            and all(s >= p for s, p in zip(x.shape[2:], self.patch_size))
-        )
-        if not fits:
-            raise UsageError(
-                f"input adapter '{self.name}' expects [B, {self.channels}, {AXES[self.spatial_dims]}] with every "
-                f"spatial size >= {self.patch_size[0]}, got {list(x.shape)}",
-                hint="check the dataset's dimensionality, channels and size",
-            )
-
-    def position_embedding(self, grid: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """The fixed sin-cos embedding of `grid`: [prod(grid), E] (cached per grid and device)."""
-        key = (grid, device, dtype)
-        if key not in self._positions:
-            self._positions[key] = sincos_position_embedding(grid, self.embed_dim).to(device, dtype)
-        return self._positions[key]
 
     def mask_hidden_patches(self, x: torch.Tensor, grid: tuple[int, ...], keep: torch.Tensor) -> torch.Tensor:
         """x [B, C, *S'] (padded) with the pixels of every patch not in `keep` [B, n_keep] set to 0."""
@@ -107,24 +78,8 @@ class ConvStem(nn.Module):
         return torch.gather(tokens, 1, keep.unsqueeze(-1).expand(-1, -1, self.embed_dim))
 
 
-class ConvAdapter(InputAdapter):
-    """Registers one dimensionality of `ConvStem`."""
-
-    def __init__(self, spatial_dims: int):
-        self.name = f"conv{spatial_dims}d"
-        self.spatial_dims = (spatial_dims,)
-        self.dims = spatial_dims
-        kind = "images [B, C, H, W]" if spatial_dims == 2 else "volumes [B, C, D, H, W]"
-        self.description = f"Convolutional stem of {kind} down to the patch grid, sin-cos positions (MAE-safe)"
-
-    def build(self, *, channels: int, size: tuple[int, ...], embed_dim: int, patch: int) -> ConvStem:
-        if len(size) != self.dims or min(size) < patch:
-            raise UsageError(f"input adapter '{self.name}' cannot embed size {list(size)} with {patch}-wide patches",
-                             hint=f"it needs {self.dims} spatial sizes, each >= the patch")
-        return ConvStem(self.name, self.dims, channels, embed_dim, patch)
-
-
 @hookimpl
 def register_adapters(register):
-    register(ConvAdapter(2))
-    register(ConvAdapter(3))
+    for dims in (2, 3):
+        register(GridAdapter("conv", ConvStem, dims,
+                             "Convolutional stem of {kind} down to the patch grid, sin-cos positions (MAE-safe)"))
