@@ -124,6 +124,7 @@ def finetune(
     ema: float = typer.Option(None, help="EMA decay of the weights, e.g. 0.999; validation and the saved model use the EMA (default 0: off)."),
     mixup: float = typer.Option(None, help="Mixup alpha, e.g. 0.2 (default 0: off)."),
     model: str = typer.Option(None, help="Model preset when training from scratch (default tiny)."),
+    model_option: list[str] = typer.Option(None, help="OPTION=VALUE overriding the model (repeat), e.g. latent_pool=false."),
     data_root: Path = typer.Option(None, help="Where MedMNIST files live."),
     out_dir: Path = typer.Option(None, "--out", help="Run directory (default runs/finetune-DATASET-DATE-TIME)."),
     seed: int = typer.Option(None, help="Random seed (default 0)."),
@@ -139,6 +140,7 @@ def finetune(
         "dataset": dataset, "source": source, "linear_probe": linear_probe or None, "label_fraction": label_fraction,
         "epochs": epochs, "batch_size": batch_size, "lr": lr, "layer_decay": layer_decay, "eval_every": eval_every,
         "label_smoothing": label_smoothing, "ema": ema, "mixup": mixup, "model": model,
+        "model_options": _toml_values(_parse_pairs(model_option, "--model-option")) or None,
         "data_root": str(data_root) if data_root else None, "seed": seed, "device": device, "tensorboard": tensorboard,
     }
     given = {k: v for k, v in given.items() if v is not None}

@@ -14,7 +14,7 @@ import json
 import math
 import time
 import tomllib
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +54,7 @@ class FinetuneConfig:
     weight_decay: float = 0.05
     layer_decay: float = 1.0  # LR factor per layer from the head down (MAE/BEiT fine-tuning); 1: off
     model: str = "tiny"  # used from scratch; a source brings its own architecture
+    model_options: dict = field(default_factory=dict)  # overrides of the model, e.g. {"latent_pool": False}
     seed: int = 0
     data_root: str | None = None
     device: str = "auto"
@@ -110,9 +111,10 @@ def build_finetune_model(config: FinetuneConfig, info) -> MultitaskModel:
     """The supervised model for `info`; with a source, its encoder is loaded (and frozen for a probe)."""
     task = registries().tasks.get(SUPERVISED_TASK).with_options(label_smoothing=config.label_smoothing)
     if config.source is None:
-        return build_multitask_model(config.model, [info], [task])
+        return build_multitask_model(config.model, [info], [task], **config.model_options)
     source = encoder_dir(config.source)
-    model = build_multitask_model(ModelConfig(**read_export_config(source)["model"]), [info], [task])
+    exported = ModelConfig(**read_export_config(source)["model"])
+    model = build_multitask_model(exported, [info], [task], **config.model_options)
     model.load_encoder(source)
     if config.linear_probe:
         model.encoder.requires_grad_(False)
@@ -328,7 +330,10 @@ def _better(candidate: dict, incumbent: dict) -> bool:
 
 
 def write_finetune_config(config: FinetuneConfig, path: Path) -> None:
-    lines = [f"{k} = {toml_value(v)}" for k, v in asdict(config).items() if v is not None]
+    values = {k: v for k, v in asdict(config).items() if v is not None and k != "model_options"}
+    lines = [f"{k} = {toml_value(v)}" for k, v in values.items()]
+    if config.model_options:
+        lines += ["", "[model_options]"] + [f"{k} = {toml_value(v)}" for k, v in config.model_options.items()]
     path.write_text("\n".join(lines) + "\n")
 
 

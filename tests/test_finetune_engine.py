@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from medformer_core.data import DatasetInfo
 from medformer_core.datasets import resolve_dataset
-from medformer_core.finetune import FinetuneConfig, Finetuner, WeightEMA, epoch_sampler, mixup
+from medformer_core.finetune import FinetuneConfig, Finetuner, WeightEMA, epoch_sampler, mixup, read_finetune_config
 from medformer_core.interfaces import View
 from medformer_core.model import ModelConfig
 from medformer_core.multitask import build_multitask_model
@@ -248,3 +248,22 @@ def test_resume_needs_a_checkpoint_and_a_dataset_is_required(tmp_path, run_cli):
     assert code == 2 and "--dataset is required" in err
     code, _, err = run_cli("finetune", "--resume", "--out", str(tmp_path))
     assert code == 2 and "is not a fine-tune run (no finetune.toml)" in err
+
+
+def test_model_options_shape_a_from_scratch_model_and_are_read_back(tmp_path, run_cli):
+    run = tmp_path / "run"
+    options = ["--model-option", "adapter2d=patch2d", "--model-option", "latent_pool=false",
+               "--model-option", "embed_dim=32", "--model-option", "heads=2", "--model-option", "depth=1"]
+    code, _, err = run_cli("finetune", "--dataset", DATASET, "--epochs", "1", "--batch-size", "16", "--device", "cpu",
+                           "--quiet", *options, "--out", str(run))
+    assert code == 0, err
+    config = read_finetune_config(run / "finetune.toml")
+    assert config.model_options == {"adapter2d": "patch2d", "latent_pool": False, "embed_dim": 32, "heads": 2,
+                                    "depth": 1}
+    weights = load_file(str(run / "model.safetensors"))
+    assert "encoder.adapters.patch2d_1ch.weight" in weights and weights["encoder.latents"].shape[1] == 32
+    code, _, err = run_cli("eval", str(run), "--split", "val", "--device", "cpu")
+    assert code == 0, err
+    code, _, err = run_cli("finetune", "--dataset", DATASET, "--model-option", "latent_poool=false",
+                           "--out", str(tmp_path / "bad"))
+    assert code == 2 and "unknown model option 'latent_poool'" in err and "latent_pool" in err
