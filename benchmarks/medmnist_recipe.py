@@ -25,7 +25,7 @@ import torch
 
 from medformer_core.config import RunConfig, load_config
 from medformer_core.datasets import default_data_root
-from medformer_core.finetune import FinetuneConfig, Finetuner
+from medformer_core.finetune import PROBE_LR, FinetuneConfig, Finetuner
 from medformer_core.trainer import Trainer
 
 from cnn_baselines import train_resnet
@@ -113,7 +113,7 @@ def finetune(recipe: Recipe, dataset: str, mode: str, fraction: float, seed: int
     config = FinetuneConfig(
         dataset=dataset, source=None if mode == "scratch" else str(source), linear_probe=mode == "linear-probe",
         label_fraction=fraction, epochs=recipe.epochs[fraction], batch_size=recipe.batch_size,
-        lr=1e-2 if mode == "linear-probe" else 1e-3, layer_decay=decay, model=recipe.model, seed=seed,
+        lr=PROBE_LR if mode == "linear-probe" else FinetuneConfig.lr, layer_decay=decay, model=recipe.model, seed=seed,
         data_root=str(data_root), device=device,
     )
     return Finetuner(config, run_dir, quiet=True, resume=(run_dir / "checkpoints").is_dir()).run()

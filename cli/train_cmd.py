@@ -117,7 +117,7 @@ def finetune(
     label_fraction: float = typer.Option(None, min=0.0, max=1.0, help="Fraction of training labels, stratified and seeded (default 1)."),
     epochs: int = typer.Option(None, min=1, help="Epochs over the labeled train split (default 30)."),
     batch_size: int = typer.Option(None, min=1, help="Samples per batch (default 64)."),
-    lr: float = typer.Option(None, min=0.0, help="Learning rate (default 1e-3; 1e-2 for a linear probe)."),
+    lr: float = typer.Option(None, min=0.0, help="Learning rate (default 3e-4; 1e-2 for a linear probe)."),
     layer_decay: float = typer.Option(None, min=0.0, max=1.0, help="Layer-wise LR decay from the head down, e.g. 0.75 (default 1: off)."),
     eval_every: int = typer.Option(None, min=1, help="Epochs between validations (default: about 20 per run)."),
     label_smoothing: float = typer.Option(None, help="Label smoothing of the supervised targets, e.g. 0.1 (default 0: off)."),
@@ -134,7 +134,7 @@ def finetune(
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ):
     """Fine-tune (or linear-probe) a pretrained encoder on a labeled dataset; report test AUC and ACC."""
-    from medformer_core.finetune import FinetuneConfig, Finetuner, read_finetune_config
+    from medformer_core.finetune import PROBE_LR, FinetuneConfig, Finetuner, read_finetune_config
 
     given = {
         "dataset": dataset, "source": source, "linear_probe": linear_probe or None, "label_fraction": label_fraction,
@@ -151,7 +151,7 @@ def finetune(
     elif dataset is None:
         raise UsageError("--dataset is required", hint="e.g. --dataset retinamnist; or --resume --out RUN to continue a fine-tune")
     else:
-        config = FinetuneConfig(**{"lr": 1e-2 if linear_probe else 1e-3, **given})
+        config = FinetuneConfig(**{"lr": PROBE_LR, **given} if linear_probe else given)
     run_dir = out_dir or Path("runs") / time.strftime(f"finetune-{dataset.replace(':', '-')}-%Y%m%d-%H%M%S")
     try:
         results = Finetuner(config, run_dir, quiet=quiet, resume=resume).run()

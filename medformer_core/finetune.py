@@ -37,6 +37,7 @@ from medformer_core.schedule import warmup_cosine
 from medformer_core.weighting import make_weighting
 
 SUPERVISED_TASK = "supervised"
+PROBE_LR = 1e-2  # the default learning rate of a linear probe (only the head trains)
 WEIGHTS_FILE = "model.safetensors"
 
 
@@ -50,7 +51,7 @@ class FinetuneConfig:
     label_fraction: float = 1.0
     epochs: int = 30
     batch_size: int = 64
-    lr: float = 1e-3
+    lr: float = 3e-4  # chosen on val (benchmarks/results/ablation_model.md); a linear probe takes PROBE_LR
     weight_decay: float = 0.05
     layer_decay: float = 1.0  # LR factor per layer from the head down (MAE/BEiT fine-tuning); 1: off
     model: str = "tiny"  # used from scratch; a source brings its own architecture
