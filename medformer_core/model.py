@@ -199,7 +199,7 @@ class Medformer(nn.Module):
         if self.latents is None or not self.config.latent_pool:
             return None
         grid = grid_shape(tuple(x.shape[2:]), tuple(self.adapter_for(x).patch_size))
-        regions = latent_regions(grid, self.config.latents).to(x.device)
+        regions = latent_regions(grid, self.config.latents, x.device)
         if keep is None:
             return regions.expand(x.shape[0], -1)
         return regions[keep]
@@ -255,8 +255,9 @@ def latent_grid(latents: int, dims: int) -> tuple[int, ...]:
 
 
 @functools.lru_cache(maxsize=64)
-def latent_regions(grid: tuple[int, ...], latents: int) -> torch.Tensor:
-    """The latent each token of a patch grid pools into: [N] int64, row-major like the tokens.
+def latent_regions(grid: tuple[int, ...], latents: int, device: torch.device | None = None) -> torch.Tensor:
+    """The latent each token of a patch grid pools into: [N] int64 on `device`, row-major like the
+    tokens (cached per grid and device: no host-to-device copy per step).
 
     The M latents tile the input as a coarse grid (`latent_grid`); token (i, j, ...) goes to latent
     cell (i * L0 // G0, j * L1 // G1, ...). A latent cell that no token reaches keeps only its
@@ -271,7 +272,7 @@ def latent_regions(grid: tuple[int, ...], latents: int) -> torch.Tensor:
     region = torch.zeros(grid, dtype=torch.long)
     for axis, coord in enumerate(coords):
         region = region * shape[axis] + coord
-    return region.flatten()
+    return region.flatten().to(device)
 
 
 def region_means(tokens: torch.Tensor, regions: torch.Tensor, latents: int) -> torch.Tensor:
