@@ -51,7 +51,7 @@ class FinetuneConfig:
     label_fraction: float = 1.0
     epochs: int = 30
     batch_size: int = 64
-    lr: float = 3e-4  # chosen on val (benchmarks/results/ablation_model.md); a linear probe takes PROBE_LR
+    lr: float = 1e-3  # a linear probe takes PROBE_LR
     weight_decay: float = 0.05
     layer_decay: float = 1.0  # LR factor per layer from the head down (MAE/BEiT fine-tuning); 1: off
     model: str = "tiny"  # used from scratch; a source brings its own architecture

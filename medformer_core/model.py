@@ -1,10 +1,10 @@
 """The Medformer: input adapters -> Input Adaptformer -> Body, and the Output Adaptformer.
 
     image [B, C, H, W] / volume [B, C, D, H, W]
-      -> input adapter of its modality (convolutional stem or patch embedding, + sin-cos positions)
-         + dataset embedding                                               -> tokens  [B, N, E]
-      -> Input Adaptformer: M latents, each its learned embedding plus the mean of the tokens of
-         its region of the input, cross-attend to all tokens              -> latents [B, M, E]
+      -> input adapter of its modality (patch embedding or a convolutional stem, + sin-cos
+         positions) + dataset embedding                                    -> tokens  [B, N, E]
+      -> Input Adaptformer: M learned latents (optionally each started from the mean of the tokens
+         of its region of the input) cross-attend to the tokens           -> latents [B, M, E]
       -> Body: pre-norm transformer blocks over the latents, final LayerNorm
       -> Output Adaptformer (per task): queries cross-attend to the latents -> a task head
 
@@ -12,14 +12,14 @@ With `latents=0` the tokens go straight into the body (a plain ViT): the baselin
 The encoder (`Medformer`: adapters, dataset embeddings, latents, Input Adaptformer, body) exports to
 `model.safetensors` + `config.json` and loads back with `Medformer.from_pretrained`.
 
-Why the pooled start (`latent_pool`): learned latents alone begin nearly identical and read an
-input-independent average of the tokens, which slows optimisation badly on small data; starting
-each latent from its own region gives the body distinct, image-dependent latents from step one.
-The default adapters are convolutional stems (`conv2d`, `conv3d`), which fit small medical sets
-far faster than a single patch projection.
+Two options speed up fitting small sets (benchmarks/results/ablation_model.md): `latent_pool`
+starts each latent from its own region of the input instead of from nearly identical learned
+embeddings, and the `conv2d`/`conv3d` adapters put a convolutional stem before the latents. They
+are not the defaults: on val, pretraining with the stems transferred worse, and from scratch
+neither beat the defaults by more than the noise.
 
 Modalities: the model keeps one input adapter per (adapter, channel count), keyed e.g.
-`conv3d_1ch`, shared by every dataset of that modality (a patch projection pretrained on one CT set
+`patch3d_1ch`, shared by every dataset of that modality (a patch projection pretrained on one CT set
 transfers to another); each dataset adds its own learned embedding, zero at start.
 """
 
@@ -45,8 +45,6 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 EXPORT_FORMAT = "medformer-encoder"
 EXPORT_VERSION = 1
-# Model fields added after the first version-1 exports, at the value those exports were made with.
-LEGACY_MODEL_FIELDS = {"latent_pool": False}
 
 
 @dataclass(frozen=True)
@@ -58,11 +56,11 @@ class ModelConfig:
     heads: int = 3
     mlp_ratio: float = 4.0
     latents: int = 64  # M; 0 feeds the tokens straight to the body (plain ViT)
-    latent_pool: bool = True  # each latent starts from the mean of its region's tokens (see latent_regions)
+    latent_pool: bool = False  # each latent starts from the mean of its region's tokens (see latent_regions)
     patch2d: int = 4
     patch3d: int = 4
-    adapter2d: str = "conv2d"
-    adapter3d: str = "conv3d"
+    adapter2d: str = "patch2d"
+    adapter3d: str = "patch3d"
     drop_path: float = 0.0  # stochastic depth of the last body block (linear from 0)
     decoder_depth: int = 1  # cross-attention blocks in each task's Output Adaptformer
     qkv_bias: bool = True
@@ -299,8 +297,6 @@ def read_export_config(directory: Path) -> dict:
     if exported.get("version") != EXPORT_VERSION:
         raise CheckpointError(f"{path} has export version {exported.get('version')}; this medformer reads "
                               f"version {EXPORT_VERSION}")
-    if isinstance(exported.get("model"), dict):
-        exported["model"] = {**LEGACY_MODEL_FIELDS, **exported["model"]}
     return exported
 
 
