@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from resnet import resnet18_for
 from safetensors.torch import save_file
 from torch import nn
 
@@ -40,7 +41,6 @@ from medformer_core.devices import resolve_device
 from medformer_core.errors import MedformerError, UsageError
 from medformer_core.evaluation import medmnist_metrics, predict_split
 from medformer_plugins.task_supervised import MULTI_LABEL
-from resnet import resnet18_for
 
 MODE = "resnet18"
 LR = 1e-3

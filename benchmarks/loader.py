@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 from medformer_core.augment import Augment
+from medformer_core.builders import build_model
 from medformer_core.config import DEFAULT_TASKS
 from medformer_core.datasets import default_data_root, resolve_dataset
-from medformer_core.multitask import build_multitask_model
 from medformer_core.plugins import registries
 from medformer_core.sampling import MultiDatasetSampler
 from medformer_core.trainer import base_augment
@@ -57,7 +57,7 @@ def model_rate(split, batch_size: int, steps: int) -> tuple[float, list[str]]:
     info = split.info
     tasks = [t for t in (registries().tasks.get(n) for n in DEFAULT_TASKS) if t.reject_reason(info, [info]) is None]
     torch.manual_seed(0)
-    model = build_multitask_model("tiny", [info], tasks)
+    model = build_model("tiny", [info], tasks)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     generator = torch.Generator().manual_seed(0)
     batch = split.batch(range(batch_size))
@@ -85,7 +85,8 @@ def main() -> None:
     args = parser.parse_args()
     root = default_data_root(args.data_root)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, data root {root}")
-    header = f"{'input':6} {'dataset':20} {'loader (engine aug)':>20} {'loader (all aug)':>17} {'model step':>11} {'ratio':>7}  tasks"
+    header = (f"{'input':6} {'dataset':20} {'loader (engine aug)':>20} {'loader (all aug)':>17} "
+              f"{'model step':>11} {'ratio':>7}  tasks")
     print(header)
     for label, name, stand_in in CASES:
         ref, split = load(name, stand_in, root)

@@ -22,13 +22,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from cnn_baselines import train_resnet
 
 from medformer_core.config import RunConfig, load_config
 from medformer_core.datasets import default_data_root
 from medformer_core.finetune import PROBE_LR, FinetuneConfig, Finetuner
 from medformer_core.trainer import Trainer
-
-from cnn_baselines import train_resnet
 
 HERE = Path(__file__).resolve().parent
 BASELINES = {  # published MedMNIST v2 test AUC / ACC (Yang et al. 2023), the strongest ResNet-18 column
@@ -59,7 +58,8 @@ RECIPES = {
     "cpu": Recipe(pretrain_steps=2400, pretrain_batch=32, plugins=("mae", "mae3d", "rotation", "contrastive"),
                   model="tiny", epochs={1.0: 20, 0.1: 50, 0.01: 100}, batch_size=64, pretrain_per_seed=False,
                   layer_decay=0.75),
-    "gpu": Recipe(pretrain_steps=20000, pretrain_batch=256, plugins=("mae", "mae3d", "rotation", "contrastive", "restoration"),
+    "gpu": Recipe(pretrain_steps=20000, pretrain_batch=256,
+                  plugins=("mae", "mae3d", "rotation", "contrastive", "restoration"),
                   model="small", epochs={1.0: 100, 0.1: 200, 0.01: 400}, batch_size=128, baseline_epochs=100),
     "smoke": Recipe(pretrain_steps=4, pretrain_batch=8, plugins=("mae", "mae3d"), model="tiny",
                     epochs={1.0: 1, 0.1: 1}, batch_size=32, fractions=(1.0, 0.1), seeds=(0, 1)),
@@ -121,7 +121,8 @@ def finetune(recipe: Recipe, dataset: str, mode: str, fraction: float, seed: int
 
 def report(r: dict, start: float) -> None:
     print(f"[{(time.perf_counter() - start) / 60:.1f} min] {r['dataset']} {r['mode']} {r['label_fraction']:g} "
-          f"seed {r['seed']}: test AUC {r['test']['auc']:.3f} ACC {r['test']['acc']:.3f} (best epoch {r['best_epoch']})",
+          f"seed {r['seed']}: test AUC {r['test']['auc']:.3f} ACC {r['test']['acc']:.3f} "
+          f"(best epoch {r['best_epoch']})",
           flush=True)
 
 
@@ -158,8 +159,8 @@ def markdown_table(summary: dict, datasets: list[str], recipe: Recipe, command: 
         f"Hardware: {hardware}; compute time {minutes:.0f} min (pretraining plus every fine-tune run, "
         "as each run recorded it).",
         "",
-        "| dataset | labels | fine-tune (pretrained) | linear probe (pretrained) | from scratch | ResNet-18, this machine "
-        "| published |",
+        "| dataset | labels | fine-tune (pretrained) | linear probe (pretrained) | from scratch "
+        "| ResNet-18, this machine | published |",
         "|---|---|---|---|---|---|---|",
     ]
     for dataset in datasets:

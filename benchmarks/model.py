@@ -33,10 +33,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from medformer_core.builders import build_model
 from medformer_core.data import DatasetOptions
 from medformer_core.interfaces import InputSpec
 from medformer_core.model import PRESETS, Medformer, model_config
-from medformer_core.multitask import build_multitask_model
 from medformer_core.patches import sincos_position_embedding
 from medformer_core.plugins import registries
 
@@ -79,7 +79,7 @@ def build(name: str, channels: int, size: tuple[int, ...]) -> nn.Module:
         patch = tiny.patch2d if len(size) == 2 else tiny.patch3d
         return PlainViT(channels, size, tiny.embed_dim, tiny.depth, tiny.heads, tiny.mlp_ratio, patch)
     config = model_config(tiny, latents=0) if name == "medformer-latents0" else tiny
-    encoder = Medformer(config, [InputSpec(len(size), channels, size)], ["bench"])
+    encoder = Medformer(config, [InputSpec(len(size), channels, size)], ["bench"], registries().input_adapters)
     return _BoundEncoder(encoder)
 
 
@@ -141,7 +141,7 @@ def measure_training(device: torch.device) -> dict:
     options = DatasetOptions(argument="size=28,count=32")
     infos = [datasets.get(name).info(options) for name in ("phantoms2d", "phantoms3d")]
     torch.manual_seed(0)
-    model = build_multitask_model("tiny", infos, [registries().tasks.get(name) for name in TRAINING_TASKS]).to(device)
+    model = build_model("tiny", infos, [registries().tasks.get(name) for name in TRAINING_TASKS]).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     generator = torch.Generator().manual_seed(0)
     seconds = {}

@@ -1,6 +1,8 @@
 """`medformer bench attention|patch-embed`: time the fused kernels against torch baselines."""
 
 import contextlib
+import functools
+import inspect
 import json
 from pathlib import Path
 
@@ -121,43 +123,58 @@ def _start(op: str, dev, dtype):
     return on_shape
 
 
-@app.command("attention")
-def attention_cmd(
-    shapes: str = typer.Option(None, help="Comma-separated BxHxNxd (self) or BxHxNqxNkxd (cross attention). "
-                               f"Default on GPU: {bench.ATTENTION_SHAPES}."),
-    dtype: str = typer.Option("auto", help=DTYPE_HELP),
-    device: str = typer.Option("auto", help=DEVICE_HELP),
-    json_file: Path = typer.Option(None, "--json", help=JSON_HELP),
-    quick: bool = typer.Option(False, "--quick", help=QUICK_HELP),
-    budget: float = typer.Option(None, help=BUDGET_HELP),
-    threads: int = typer.Option(None, help=THREADS_HELP),
-):
-    """Fused attention vs torch SDPA (each backend) and naive softmax(QK^T)V."""
+SHARED_OPTIONS = [
+    inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind)
+    for name, kind, option in [
+        ("dtype", str, typer.Option("auto", help=DTYPE_HELP)),
+        ("device", str, typer.Option("auto", help=DEVICE_HELP)),
+        ("json_file", Path, typer.Option(None, "--json", help=JSON_HELP)),
+        ("quick", bool, typer.Option(False, "--quick", help=QUICK_HELP)),
+        ("budget", float, typer.Option(None, help=BUDGET_HELP)),
+        ("threads", int, typer.Option(None, help=THREADS_HELP)),
+    ]
+]
+
+
+def _bench_command(name: str):
+    """Register a benchmark command: its own options, then SHARED_OPTIONS, which reach it as `**shared`."""
+    def register(command):
+        own = [p for p in inspect.signature(command).parameters.values() if p.kind is not p.VAR_KEYWORD]
+        command.__signature__ = inspect.Signature(own + SHARED_OPTIONS)
+        return app.command(name)(command)
+    return register
+
+
+def _run(op: str, shapes: str | None, full: str, small: str, parse, run, *, dtype: str, device: str,
+         json_file: Path | None, quick: bool, budget: float | None, threads: int | None) -> None:
+    """Parse `shapes` (default: `full` on GPU, else `small`), `run` the benchmark, report it."""
     dev, dt, budget = _setup(device, dtype, quick, budget)
-    shape_list = bench.parse_attention_shapes(shapes or _default_shapes(dev, quick, bench.ATTENTION_SHAPES,
-                                                                        bench.ATTENTION_QUICK))
+    shape_list = parse(shapes or _default_shapes(dev, quick, full, small))
     with _cpu_threads(threads):
-        result = bench.bench_attention(shape_list, dt, dev, budget, on_shape=_start("attention", dev, dt))
+        result = run(shape_list, dt, dev, budget, on_shape=_start(op, dev, dt))
     _report(result, json_file)
 
 
-@app.command("patch-embed")
+@_bench_command("attention")
+def attention_cmd(
+    shapes: str = typer.Option(None, help="Comma-separated BxHxNxd (self) or BxHxNqxNkxd (cross attention). "
+                               f"Default on GPU: {bench.ATTENTION_SHAPES}."),
+    **shared,
+):
+    """Fused attention vs torch SDPA (each backend) and naive softmax(QK^T)V."""
+    _run("attention", shapes, bench.ATTENTION_SHAPES, bench.ATTENTION_QUICK, bench.parse_attention_shapes,
+         bench.bench_attention, **shared)
+
+
+@_bench_command("patch-embed")
 def patch_embed_cmd(
     shapes: str = typer.Option(None, help="Comma-separated BxCx<2 or 3 sizes>:patch:E, patch P or PxPxP. "
                                f"Default on GPU: {bench.PATCH_SHAPES}."),
     keep: float = typer.Option(0.25, help="Also time embedding only this fraction of the patches (MAE); 0: skip."),
-    dtype: str = typer.Option("auto", help=DTYPE_HELP),
-    device: str = typer.Option("auto", help=DEVICE_HELP),
-    json_file: Path = typer.Option(None, "--json", help=JSON_HELP),
-    quick: bool = typer.Option(False, "--quick", help=QUICK_HELP),
-    budget: float = typer.Option(None, help=BUDGET_HELP),
-    threads: int = typer.Option(None, help=THREADS_HELP),
+    **shared,
 ):
     """Fused patch embedding vs nn.Conv (kernel = stride), reshape+linear+add and embed-all-then-gather."""
     if not 0 <= keep < 1:
         raise UsageError(f"--keep {keep} must be in [0, 1)", hint="0.25 keeps a quarter of the patches")
-    dev, dt, budget = _setup(device, dtype, quick, budget)
-    shape_list = bench.parse_patch_shapes(shapes or _default_shapes(dev, quick, bench.PATCH_SHAPES, bench.PATCH_QUICK))
-    with _cpu_threads(threads):
-        result = bench.bench_patch_embed(shape_list, dt, dev, budget, keep, on_shape=_start("patch-embed", dev, dt))
-    _report(result, json_file)
+    _run("patch-embed", shapes, bench.PATCH_SHAPES, bench.PATCH_QUICK, bench.parse_patch_shapes,
+         functools.partial(bench.bench_patch_embed, keep_fraction=keep), **shared)

@@ -1,6 +1,5 @@
 """`medformer datasets list|info|download|verify|preview`: find, fetch, check and look at datasets."""
 
-import difflib
 import json
 from pathlib import Path
 
@@ -15,7 +14,8 @@ from medformer_cli.console import err, out
 from medformer_cli.datasets_preview import label_text, montage
 from medformer_core.data import DatasetOptions
 from medformer_core.datasets import default_data_root, resolve_dataset
-from medformer_core.errors import DataError, MedformerError, UnknownNameError, UsageError
+from medformer_core.errors import DataError, MedformerError, UsageError
+from medformer_core.lookup import unknown_name
 from medformer_core.plugins import registries
 from medformer_plugins.medmnist import MedMNIST
 from medformer_plugins.medmnist_download import download as download_file
@@ -25,7 +25,8 @@ app = typer.Typer(help="List, download, verify and preview datasets (MedMNIST, y
                   no_args_is_help=True)
 
 SHORT_TASKS = {"multi-label, binary-class": "multi-label", "ordinal-regression": "ordinal", "binary-class": "binary"}
-DATA_ROOT = typer.Option(None, "--data-root", help="Folder of MedMNIST files [env MEDFORMER_DATA_ROOT; default ~/.medmnist].")
+DATA_ROOT = typer.Option(None, "--data-root",
+                         help="Folder of MedMNIST files [env MEDFORMER_DATA_ROOT; default ~/.medmnist].")
 
 
 def _variant(name: str, size: int | None) -> Variant:
@@ -33,16 +34,16 @@ def _variant(name: str, size: int | None) -> Variant:
     table = info_table()
     flag, _, suffix = name.partition("_")
     if flag not in table:
-        close = difflib.get_close_matches(flag, list(table), n=3, cutoff=0.5)
-        suggestion = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
-        raise UnknownNameError(f"unknown MedMNIST dataset '{name}'{suggestion}", hint="see all with `medformer datasets list`")
+        raise unknown_name(f"unknown MedMNIST dataset '{name}'", flag, table,
+                           hint="see all with `medformer datasets list`")
     if suffix and not suffix.isdigit():
         raise UsageError(f"bad MedMNIST name '{name}'", hint=f"use {flag} with --size, or {flag}_SIZE")
     if suffix and size is not None and int(suffix) != size:
         raise UsageError(f"'{name}' and --size {size} disagree", hint=f"use {flag} --size {size}")
     size = int(suffix) if suffix else (size or 28)
     if size not in sizes_offered(flag):
-        raise UsageError(f"{flag} has no size {size}", hint=f"sizes offered: {', '.join(map(str, sizes_offered(flag)))}")
+        raise UsageError(f"{flag} has no size {size}",
+                         hint=f"sizes offered: {', '.join(map(str, sizes_offered(flag)))}")
     return Variant(flag, size)
 
 
@@ -107,7 +108,8 @@ def info(name: str = typer.Argument(..., help="A dataset: retinamnist, adrenalmn
     factory, options = resolve_dataset(name, data_root=data_root)
     details = factory.info(options)
     out.print(f"[bold]{details.name}[/]: {factory.description}", soft_wrap=True)
-    out.print(f"  shape:   {details.channels} channel(s) x {'x'.join(map(str, details.size))} ({details.spatial_dims}D)", soft_wrap=True)
+    out.print(f"  shape:   {details.channels} channel(s) x {'x'.join(map(str, details.size))} "
+              f"({details.spatial_dims}D)", soft_wrap=True)
     out.print(f"  task:    {details.task}", soft_wrap=True)
     if details.labels:
         out.print(f"  labels:  {', '.join(f'{k}: {v}' for k, v in details.labels.items())}", soft_wrap=True)
@@ -127,8 +129,11 @@ def download(name: str = typer.Argument(..., help="A MedMNIST dataset (retinamni
              size: int = typer.Option(None, "--size", help="28 (default), 64, 128 or 224 (3D: 28 or 64)."),
              data_root: Path = DATA_ROOT,
              force: bool = typer.Option(False, "--force", help="Download again even if a good file is present."),
-             ignore_md5: bool = typer.Option(False, "--ignore-md5", help="Keep a file whose MD5 differs from medmnist.INFO."),
-             mirror: str = typer.Option(None, "--mirror", help="Base URL holding the official file names [env MEDFORMER_MEDMNIST_MIRROR]."),
+             ignore_md5: bool = typer.Option(False, "--ignore-md5",
+                                             help="Keep a file whose MD5 differs from medmnist.INFO."),
+             mirror: str = typer.Option(None, "--mirror",
+                                        help="Base URL holding the official file names "
+                                             "[env MEDFORMER_MEDMNIST_MIRROR]."),
              ):
     """Download MedMNIST files into the data root (atomic, MD5-checked)."""
     root = default_data_root(data_root)
@@ -139,33 +144,40 @@ def download(name: str = typer.Argument(..., help="A MedMNIST dataset (retinamni
     failures = 0
     for variant in variants:
         try:
-            with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                          console=err, transient=True, disable=not err.is_terminal) as progress:
+            with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                          TransferSpeedColumn(), console=err, transient=True, disable=not err.is_terminal) as progress:
                 task = progress.add_task(variant.file_name, total=None)
-                path, fetched = download_file(variant, root, force=force, ignore_md5=ignore_md5, mirror=mirror,
-                                              progress=lambda done, total: progress.update(task, completed=done, total=total))
+                path, fetched = download_file(
+                    variant, root, force=force, ignore_md5=ignore_md5, mirror=mirror,
+                    progress=lambda done, total: progress.update(task, completed=done, total=total))
         except DataError as exc:
             if len(variants) == 1:
                 raise
             failures += 1
             err.print(f"[red]FAIL[/] {variant.name}: {escape(str(exc))}", soft_wrap=True, highlight=False)
             continue
-        out.print(f"{variant.name}: {'downloaded to' if fetched else 'already present and verified at'} {path}", soft_wrap=True)
+        out.print(f"{variant.name}: {'downloaded to' if fetched else 'already present and verified at'} {path}",
+                  soft_wrap=True)
     if failures:
-        raise DataError(f"{failures} of {len(variants)} download(s) failed", hint="the others were saved; rerun to retry")
+        raise DataError(f"{failures} of {len(variants)} download(s) failed",
+                        hint="the others were saved; rerun to retry")
 
 
 @app.command("verify")
-def verify(name: str = typer.Argument(None, help="A MedMNIST dataset (all its local sizes) or NAME_SIZE; default: every local file."),
+def verify(name: str = typer.Argument(None, help="A MedMNIST dataset (all its local sizes) or NAME_SIZE; "
+                                                 "default: every local file."),
            data_root: Path = DATA_ROOT,
-           md5: bool = typer.Option(True, "--md5/--no-md5", help="Check MD5 against medmnist.INFO (reads the whole file)."),
+           md5: bool = typer.Option(True, "--md5/--no-md5",
+                                    help="Check MD5 against medmnist.INFO (reads the whole file)."),
            ):
     """Check local MedMNIST files: MD5 and layout (keys, shapes, dtypes, label ranges)."""
     root = default_data_root(data_root)
     if name is None:
-        variants = [Variant(f, s) for f in info_table() for s in sizes_offered(f) if (root / Variant(f, s).file_name).is_file()]
+        variants = [Variant(f, s) for f in info_table() for s in sizes_offered(f)
+                    if (root / Variant(f, s).file_name).is_file()]
         if not variants:
-            raise DataError(f"no MedMNIST files in {root}", hint="download one with `medformer datasets download NAME --size S`")
+            raise DataError(f"no MedMNIST files in {root}",
+                            hint="download one with `medformer datasets download NAME --size S`")
     elif "_" in name or name not in info_table():
         variants = [_variant(name, None)]
     else:
@@ -184,7 +196,8 @@ def verify(name: str = typer.Argument(None, help="A MedMNIST dataset (all its lo
             err.print(f"[red]FAIL[/] {escape(str(exc))}", soft_wrap=True, highlight=False)
             continue
         checked = "MD5 and layout" if md5 else "layout"
-        out.print(f"[green]ok[/]   {path}: {checked} ({', '.join(f'{k} {v}' for k, v in sizes.items())})", soft_wrap=True)
+        out.print(f"[green]ok[/]   {path}: {checked} ({', '.join(f'{k} {v}' for k, v in sizes.items())})",
+                  soft_wrap=True)
     if failures:
         raise DataError(f"{failures} of {len(variants)} file(s) failed verification")
 

@@ -1,9 +1,11 @@
 """A montage of samples with their labels: images as tiles, volumes as three orthogonal middle slices."""
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
 
 from medformer_core.data import DatasetInfo
+from medformer_core.pictures import views
 
 TILE = 112  # pixels per tile side (nearest-neighbour upscaling keeps the pixels visible)
 CAPTION = 14
@@ -22,19 +24,6 @@ def label_text(info: DatasetInfo, label: np.ndarray | None) -> str:
     return name if name == str(value) else f"{value}: {name}"
 
 
-def views(image: np.ndarray) -> list[np.ndarray]:
-    """image [C, *S] float in [0, 1] -> 2D RGB tiles [H, W, 3] uint8: one for an image, three
-    (axial, coronal, sagittal middle slices) for a volume. Channels beyond three show the first."""
-    c = image.shape[0]
-    rgb = image[:3] if c >= 3 else np.repeat(image[:1], 3, axis=0)  # [3, *S]
-    if image.ndim == 3:
-        planes = [rgb]
-    else:
-        d, h, w = rgb.shape[1:]
-        planes = [rgb[:, d // 2], rgb[:, :, h // 2], rgb[:, :, :, w // 2]]
-    return [(np.clip(p, 0, 1) * 255).astype(np.uint8).transpose(1, 2, 0) for p in planes]
-
-
 def montage(info: DatasetInfo, images: np.ndarray, labels: np.ndarray | None, columns: int = 4) -> Image.Image:
     """images [N, C, *S] in [0, 1], labels [N, L] or None -> one RGB picture with a caption per sample."""
     per_sample = 1 if info.spatial_dims == 2 else 3
@@ -48,7 +37,7 @@ def montage(info: DatasetInfo, images: np.ndarray, labels: np.ndarray | None, co
     for i, image in enumerate(images):
         x0 = (i % columns) * cell
         y0 = CAPTION + 4 + (i // columns) * (TILE + CAPTION)
-        for j, tile in enumerate(views(image)):
+        for j, tile in enumerate(views(torch.as_tensor(image))):
             canvas.paste(Image.fromarray(tile).resize((TILE, TILE), Image.NEAREST), (x0 + j * TILE, y0))
         text = label_text(info, None if labels is None else labels[i])
         draw.text((x0 + 3, y0 + TILE + 1), text[: per_sample * TILE // 6], fill="white")

@@ -12,7 +12,8 @@ from medformer_core.errors import MedformerError
 from medformer_core.interfaces import DatasetFactory, PretextTask
 from medformer_core.plugins import registries
 
-app = typer.Typer(help="List and inspect installed plugins (datasets, adapters, heads, pretext tasks).", no_args_is_help=True)
+app = typer.Typer(help="List and inspect installed plugins (datasets, adapters, heads, pretext tasks).",
+                  no_args_is_help=True)
 
 
 def _accepts(obj) -> str:

@@ -12,17 +12,8 @@ from medformer_cli.console import err, out
 from medformer_core.config import RunConfig, load_config
 from medformer_core.engine import RunSummary
 from medformer_core.errors import RunStopped, UsageError
+from medformer_core.options import split_pairs
 from medformer_core.trainer import Trainer
-
-
-def _parse_pairs(pairs: list[str] | None, option: str) -> dict[str, str]:
-    parsed = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key or not value:
-            raise UsageError(f"{option} '{pair}' is not KEY=VALUE", hint=f"e.g. {option} mae=2.0")
-        parsed[key] = value
-    return parsed
 
 
 def _toml_values(pairs: dict[str, str]) -> dict:
@@ -36,10 +27,21 @@ def _toml_values(pairs: dict[str, str]) -> dict:
     return parsed
 
 
+def _task_weights(pairs: list[str] | None) -> dict[str, float]:
+    """`--task-weight mae=2` -> {"mae": 2.0}."""
+    weights = {}
+    for task, text in split_pairs(pairs, "--task-weight", "--task-weight mae=2").items():
+        try:
+            weights[task] = float(text)
+        except ValueError:
+            raise UsageError(f"--task-weight: the weight of '{task}' must be a number, got '{text}'") from None
+    return weights
+
+
 def _task_options(pairs: list[str] | None) -> dict[str, dict]:
     """`--task-option mae.mask_ratio=0.8` -> {"mae": {"mask_ratio": 0.8}}."""
     options: dict[str, dict] = {}
-    for key, value in _toml_values(_parse_pairs(pairs, "--task-option")).items():
+    for key, value in _toml_values(split_pairs(pairs, "--task-option", "--task-option mae.mask_ratio=0.8")).items():
         task, dot, name = key.partition(".")
         if not dot:
             raise UsageError(f"--task-option '{key}={value}' needs TASK.OPTION=VALUE", hint="e.g. mae.mask_ratio=0.8")
@@ -48,9 +50,13 @@ def _task_options(pairs: list[str] | None) -> dict[str, dict]:
 
 
 def train(
-    plugin: list[str] = typer.Option(None, "--plugin", "-p", help="A pretext task (repeat). Default: mae, mae3d, rotation, contrastive."),
-    dataset: list[str] = typer.Option(None, "--dataset", "-d", help="A dataset name, NAME:ARG or a folder (repeat). Default: phantoms2d, phantoms3d."),
-    data_root: Path = typer.Option(None, help="Where MedMNIST files live (default $MEDFORMER_DATA_ROOT or ~/.medmnist)."),
+    plugin: list[str] = typer.Option(None, "--plugin", "-p",
+                                     help="A pretext task (repeat). Default: mae, mae3d, rotation, contrastive."),
+    dataset: list[str] = typer.Option(None, "--dataset", "-d",
+                                      help="A dataset name, NAME:ARG or a folder (repeat). "
+                                           "Default: phantoms2d, phantoms3d."),
+    data_root: Path = typer.Option(None,
+                                   help="Where MedMNIST files live (default $MEDFORMER_DATA_ROOT or ~/.medmnist)."),
     config: Path = typer.Option(None, "--config", help="A run config in TOML; options given here override it."),
     steps: int = typer.Option(None, min=1, help="Optimizer steps (default 120)."),
     epochs: float = typer.Option(None, min=0.0, help="Epochs over all train splits; overrides --steps."),
@@ -66,7 +72,8 @@ def train(
     seed: int = typer.Option(None, help="Random seed (default 0)."),
     device: str = typer.Option(None, help="auto, cpu or cuda[:N]."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
-    knn_every: int = typer.Option(None, min=0, help="Steps between kNN val AUC/ACC of each labeled dataset (default 200; 0: off)."),
+    knn_every: int = typer.Option(None, min=0,
+                                  help="Steps between kNN val AUC/ACC of each labeled dataset (default 200; 0: off)."),
     tensorboard: bool = typer.Option(None, "--tensorboard/--no-tensorboard", help="Also write TensorBoard events."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ):
@@ -79,8 +86,8 @@ def train(
         "plugins": plugin or None, "datasets": dataset or None,
         "data_root": str(data_root) if data_root else None, "steps": steps, "epochs": epochs,
         "batch_size": batch_size, "lr": lr, "model": model, "weighting": weighting,
-        "model_options": _toml_values(_parse_pairs(model_option, "--model-option")) or None,
-        "task_weights": {k: float(v) for k, v in _parse_pairs(task_weight, "--task-weight").items()} or None,
+        "model_options": _toml_values(split_pairs(model_option, "--model-option", "--model-option depth=2")) or None,
+        "task_weights": _task_weights(task_weight) or None,
         "tasks": _task_options(task_option) or None, "accumulate": accumulate, "seed": seed,
         "device": device, "knn_every": knn_every, "tensorboard": tensorboard,
     }
@@ -111,20 +118,28 @@ def print_summary(summary: RunSummary, config: RunConfig) -> None:
 
 
 def finetune(
-    dataset: str = typer.Option(None, "--dataset", "-d", help="A labeled dataset, e.g. retinamnist (required unless --resume)."),
-    source: str = typer.Option(None, "--from", help="A `medformer train` run directory or an exported encoder. Omit to train from scratch."),
+    dataset: str = typer.Option(None, "--dataset", "-d",
+                                help="A labeled dataset, e.g. retinamnist (required unless --resume)."),
+    source: str = typer.Option(None, "--from",
+                               help="A `medformer train` run directory or an exported encoder. "
+                                    "Omit to train from scratch."),
     linear_probe: bool = typer.Option(False, "--linear-probe", help="Freeze the encoder; train only the head."),
-    label_fraction: float = typer.Option(None, min=0.0, max=1.0, help="Fraction of training labels, stratified and seeded (default 1)."),
+    label_fraction: float = typer.Option(None, min=0.0, max=1.0,
+                                         help="Fraction of training labels, stratified and seeded (default 1)."),
     epochs: int = typer.Option(None, min=1, help="Epochs over the labeled train split (default 30)."),
     batch_size: int = typer.Option(None, min=1, help="Samples per batch (default 64)."),
     lr: float = typer.Option(None, min=0.0, help="Learning rate (default 1e-3; 1e-2 for a linear probe)."),
-    layer_decay: float = typer.Option(None, min=0.0, max=1.0, help="Layer-wise LR decay from the head down, e.g. 0.75 (default 1: off)."),
+    layer_decay: float = typer.Option(None, min=0.0, max=1.0,
+                                      help="Layer-wise LR decay from the head down, e.g. 0.75 (default 1: off)."),
     eval_every: int = typer.Option(None, min=1, help="Epochs between validations (default: about 20 per run)."),
-    label_smoothing: float = typer.Option(None, help="Label smoothing of the supervised targets, e.g. 0.1 (default 0: off)."),
-    ema: float = typer.Option(None, help="EMA decay of the weights, e.g. 0.999; validation and the saved model use the EMA (default 0: off)."),
+    label_smoothing: float = typer.Option(None,
+                                          help="Label smoothing of the supervised targets, e.g. 0.1 (default 0: off)."),
+    ema: float = typer.Option(None, help="EMA decay of the weights, e.g. 0.999; "
+                                         "validation and the saved model use the EMA (default 0: off)."),
     mixup: float = typer.Option(None, help="Mixup alpha, e.g. 0.2 (default 0: off)."),
     model: str = typer.Option(None, help="Model preset when training from scratch (default tiny)."),
-    model_option: list[str] = typer.Option(None, help="OPTION=VALUE overriding the model (repeat), e.g. latent_pool=false."),
+    model_option: list[str] = typer.Option(None,
+                                           help="OPTION=VALUE overriding the model (repeat), e.g. latent_pool=false."),
     data_root: Path = typer.Option(None, help="Where MedMNIST files live."),
     out_dir: Path = typer.Option(None, "--out", help="Run directory (default runs/finetune-DATASET-DATE-TIME)."),
     seed: int = typer.Option(None, help="Random seed (default 0)."),
@@ -140,7 +155,7 @@ def finetune(
         "dataset": dataset, "source": source, "linear_probe": linear_probe or None, "label_fraction": label_fraction,
         "epochs": epochs, "batch_size": batch_size, "lr": lr, "layer_decay": layer_decay, "eval_every": eval_every,
         "label_smoothing": label_smoothing, "ema": ema, "mixup": mixup, "model": model,
-        "model_options": _toml_values(_parse_pairs(model_option, "--model-option")) or None,
+        "model_options": _toml_values(split_pairs(model_option, "--model-option", "--model-option depth=2")) or None,
         "data_root": str(data_root) if data_root else None, "seed": seed, "device": device, "tensorboard": tensorboard,
     }
     given = {k: v for k, v in given.items() if v is not None}
@@ -149,7 +164,8 @@ def finetune(
             raise UsageError("--resume needs --out DIR, the fine-tune to continue")
         config = replace(read_finetune_config(out_dir / "finetune.toml"), **given)
     elif dataset is None:
-        raise UsageError("--dataset is required", hint="e.g. --dataset retinamnist; or --resume --out RUN to continue a fine-tune")
+        raise UsageError("--dataset is required",
+                         hint="e.g. --dataset retinamnist; or --resume --out RUN to continue a fine-tune")
     else:
         config = FinetuneConfig(**{"lr": PROBE_LR, **given} if linear_probe else given)
     run_dir = out_dir or Path("runs") / time.strftime(f"finetune-{dataset.replace(':', '-')}-%Y%m%d-%H%M%S")

@@ -1,7 +1,8 @@
 """Benchmarks: the fused kernels against torch baselines on the same inputs (ms, TFLOP/s, GB/s, speedup).
 
-Timing: a first call (compile, autotune), warm-up calls, then the median of repeated calls, as many
-as fit a time budget; on CUDA each call is timed with CUDA events after the L2 cache is flushed.
+Timing: the median of repeated calls after warm-up, as many as fit a time budget: Triton's
+`do_bench` on CUDA (CUDA events, the L2 cache flushed before each call), torch's benchmark `Timer`
+elsewhere.
 "Forward" runs under no_grad; "forward+backward" also takes the gradients of every input that
 requires grad, for a fixed output gradient. On CPU the Triton kernels cannot run (the interpreter
 is for tests), so "medformer" is the torch reference the dispatch uses there.
@@ -13,17 +14,22 @@ import math
 import platform
 import re
 import statistics
-import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 import torch
+import torch.utils.benchmark
 
 from medformer_core.errors import UsageError
 from medformer_kernels.backend import interpret_enabled, triton_available
 from medformer_kernels.checks import check_patch_embed
-from medformer_kernels.reference import (attention_naive, attention_sdpa, patch_embed_all_then_gather,
-                                         patch_embed_conv, patch_embed_reference)
+from medformer_kernels.reference import (
+    attention_naive,
+    attention_sdpa,
+    patch_embed_all_then_gather,
+    patch_embed_conv,
+    patch_embed_reference,
+)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -35,7 +41,6 @@ ATTENTION_QUICK = "8x6x50x64,4x6x197x64,8x6x64x343x64"
 # BxCx<spatial>:patch:E
 PATCH_SHAPES = "8x1x64x64x64:4:384,32x1x28x28x28:4:384,128x3x224x224:16:384"
 PATCH_QUICK = "2x1x64x64x64:4:384,8x1x28x28x28:4:384,8x3x224x224:16:384"
-L2_FLUSH_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True)
@@ -167,39 +172,16 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-@functools.cache
-def _l2_flush_buffer(device: torch.device) -> torch.Tensor:
-    return torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device=device)
-
-
 def time_ms(fn: Callable[[], object], device: torch.device, budget_s: float) -> float:
-    """Median milliseconds of fn() after a first call and warm-up; the repeats fill about budget_s."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    fn()
-    sync()
-    start = time.perf_counter()
-    fn()
-    sync()
-    once = time.perf_counter() - start
-    reps = max(3, min(200, int(budget_s / max(once, 1e-6))))
-    for _ in range(min(reps, 5)):
-        fn()
-    if device.type == "cuda":
-        flush = _l2_flush_buffer(device)
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-        for begin, end in events:
-            flush.zero_()
-            begin.record()
-            fn()
-            end.record()
-        sync()
-        return statistics.median(begin.elapsed_time(end) for begin, end in events)
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    """Median milliseconds of fn() after warm-up, its repeats filling about budget_s: Triton's
+    do_bench on CUDA (CUDA events, L2 cache flushed before each call), else torch's benchmark Timer."""
+    if device.type == "cuda" and triton_available():
+        from triton.testing import do_bench
+
+        with torch.cuda.device(device):
+            return do_bench(fn, warmup=budget_s * 250, rep=budget_s * 1e3, return_mode="median")
+    timer = torch.utils.benchmark.Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=budget_s).median * 1e3
 
 
 @dataclass
@@ -348,9 +330,11 @@ def bench_attention(shapes: list[AttentionShape], dtype: torch.dtype, device: to
         q = torch.randn(shape.b, shape.h, shape.nq, shape.d, device=device, dtype=dtype, requires_grad=True)
         k = torch.randn(shape.b, shape.h, shape.nk, shape.d, device=device, dtype=dtype, requires_grad=True)
         v = torch.randn(shape.b, shape.h, shape.nk, shape.d, device=device, dtype=dtype, requires_grad=True)
-        impls = [_Impl(f"medformer ({'triton' if use_triton else 'torch'})", "medformer", lambda: ours(q, k, v)),
+        # q, k, v bound as defaults: they are deleted at the end of each shape, so no late lookup.
+        impls = [_Impl(f"medformer ({'triton' if use_triton else 'torch'})", "medformer",
+                       lambda q=q, k=k, v=v: ours(q, k, v)),
                  *_sdpa_impls(device, q, k, v),
-                 _Impl("naive softmax(QK^T)V", "naive", lambda: attention_naive(q, k, v))]
+                 _Impl("naive softmax(QK^T)V", "naive", lambda q=q, k=k, v=v: attention_naive(q, k, v))]
         flops = (shape.flops(), int(3.5 * shape.flops()))  # backward: 2.5x forward (5 matmuls vs 2)
         _bench_shape(result, "attention", shape.label(), asdict(shape), impls, [q, k, v], device, budget_s, flops,
                      on_shape=on_shape)
@@ -390,7 +374,8 @@ def bench_patch_embed(shapes: list[PatchShape], dtype: torch.dtype, device: torc
             args = (x, weight, bias, pos, shape.patch)
             if use_triton:
                 impls = [_Impl("medformer (triton)", "medformer",
-                               lambda keep=keep, geo=geo: patch_embed_triton(x, weight, bias, pos, geo, keep))]
+                               lambda keep=keep, geo=geo, x=x, weight=weight, bias=bias, pos=pos:
+                               patch_embed_triton(x, weight, bias, pos, geo, keep))]
             else:
                 impls = [_Impl("medformer (torch)", "medformer", lambda keep=keep: patch_embed_reference(*args, keep))]
             conv = "nn.Conv (kernel=stride)" + ("" if keep is None else " then gather")

@@ -1,9 +1,9 @@
 """Torch references for the Triton kernels: the CPU backend, the tests' ground truth, the bench baselines."""
 
-import math
-
 import torch
 import torch.nn.functional as F
+
+from medformer_core.patches import patchify
 
 
 def attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
@@ -16,30 +16,6 @@ def attention_naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     scores = (q @ k.transpose(-2, -1)) * scale  # [B, H, Nq, Nk]
     return torch.softmax(scores, dim=-1) @ v
-
-
-def patchify(x: torch.Tensor, patch: tuple[int, ...]) -> torch.Tensor:
-    """x: [B, C, *S] -> [B, N, C*prod(patch)]: patches row-major over the grid, each flattened as (c, *offsets).
-
-    The same patch order as flattening a Conv output, the same vector order as a Conv weight [E, C, *patch].
-    """
-    b, c, *spatial = x.shape
-    grid = [s // p for s, p in zip(spatial, patch)]
-    split = [v for g, p in zip(grid, patch) for v in (g, p)]
-    x = x.reshape(b, c, *split)  # [B, C, G0, P0, G1, P1, ...]
-    n = len(patch)
-    order = [0, *(2 + 2 * i for i in range(n)), 1, *(3 + 2 * i for i in range(n))]  # [B, G0, G1, .., C, P0, P1, ..]
-    return x.permute(order).reshape(b, math.prod(grid), c * math.prod(patch))
-
-
-def unpatchify(patches: torch.Tensor, shape: tuple[int, ...], patch: tuple[int, ...]) -> torch.Tensor:
-    """The inverse of `patchify`: patches [B, N, C*prod(patch)] -> x [B, C, *S] with x.shape == shape."""
-    b, c, *spatial = shape
-    grid = [s // p for s, p in zip(spatial, patch)]
-    n = len(patch)
-    x = patches.reshape(b, *grid, c, *patch)  # [B, G0, G1, .., C, P0, P1, ..]
-    order = [0, n + 1, *(v for i in range(n) for v in (1 + i, n + 2 + i))]  # [B, C, G0, P0, G1, P1, ..]
-    return x.permute(order).reshape(shape)
 
 
 def gather_tokens(tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

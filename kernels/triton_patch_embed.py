@@ -17,9 +17,9 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
+from medformer_core.patches import unpatchify
 from medformer_kernels.backend import interpret_enabled
 from medformer_kernels.checks import PatchGeometry
-from medformer_kernels.reference import unpatchify
 
 INTERPRETED = interpret_enabled()  # @triton.jit below reads TRITON_INTERPRET once, at import
 
@@ -232,7 +232,7 @@ class FusedPatchEmbed(torch.autograd.Function):
             if keep is not None:
                 index = keep.long()[..., None].expand(-1, -1, geo.k)
                 dpatch = dpatch.new_zeros((x.shape[0], geo.n_patches, geo.k)).scatter_add_(1, index, dpatch)
-            dx = unpatchify(dpatch, tuple(x.shape), geo.sizes)
+            dx = unpatchify(dpatch, geo.sizes, x.shape[1], tuple(x.shape[2:]))
         return dx, dw, dbias, dpos, None, None
 
 

@@ -5,7 +5,6 @@ It is written under a temporary name and renamed into place, so a killed run nev
 half-written checkpoint where a resume would find it; the last `keep` are kept.
 """
 
-import os
 import re
 import shutil
 from pathlib import Path
@@ -15,6 +14,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
 from medformer_core.errors import CheckpointError
+from medformer_core.files import atomic_write
 
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
 MODEL_FILE = "model.safetensors"
@@ -31,29 +31,20 @@ def checkpoint_dirs(root: Path) -> list[Path]:
 
 def save_checkpoint(root: Path, step: int, model: torch.nn.Module, state: dict, keep: int) -> Path:
     """Write model weights and training `state` for `step`, atomically; prune to the last `keep`."""
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
-    tmp = root / f".tmp-step_{step:06d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_model(model, str(tmp / MODEL_FILE))
-    torch.save(state, tmp / STATE_FILE)
-    for path in (tmp / MODEL_FILE, tmp / STATE_FILE):
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
-    if final.exists():
-        shutil.rmtree(final)
-    os.rename(tmp, final)
+    with atomic_write(final) as tmp:
+        tmp.mkdir()
+        save_model(model, str(tmp / MODEL_FILE))
+        torch.save(state, tmp / STATE_FILE)
     for old in checkpoint_dirs(root)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
 def save_model_atomically(model: torch.nn.Module, path: Path) -> None:
-    """Write `model`'s weights to the safetensors file `path` through a temporary file and a rename."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_model(model, str(tmp))
-    os.replace(tmp, path)
+    """Write `model`'s weights to the safetensors file `path`, atomically."""
+    with atomic_write(path) as tmp:
+        save_model(model, str(tmp))
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module) -> dict:

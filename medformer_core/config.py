@@ -1,11 +1,13 @@
 """Run configuration: defaults, then a TOML file, then command-line options; written back resolved."""
 
-import difflib
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+import tomli_w
+
 from medformer_core.errors import UsageError
+from medformer_core.lookup import unknown_name
 
 DEFAULT_TASKS = ("mae", "mae3d", "rotation", "contrastive")
 DEFAULT_DATASETS = ("phantoms2d", "phantoms3d")
@@ -82,40 +84,15 @@ def _read_toml(path: Path) -> dict:
     known = [f.name for f in fields(RunConfig)]
     for key in values:
         if key not in known:
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(known)}"
-            raise UsageError(f"config file {path}: unknown key '{key}'", hint=hint)
+            raise unknown_name(f"config file {path}: unknown key '{key}'", key, known)
     return values
 
 
 def write_config(config: RunConfig, path: Path) -> None:
-    """Write the resolved config as TOML (scalars and lists first, then tables)."""
-    values = {k: v for k, v in asdict(config).items() if v is not None}
-    lines = [f"{k} = {toml_value(v)}" for k, v in values.items() if not isinstance(v, dict)]
-    for key, table in values.items():
-        if not isinstance(table, dict) or not table:
-            continue
-        nested = all(isinstance(v, dict) for v in table.values())
-        if nested:
-            for name, sub in table.items():
-                lines += ["", f"[{key}.{_toml_key(name)}]"] + [f"{k} = {toml_value(v)}" for k, v in sub.items()]
-        else:
-            lines += ["", f"[{key}]"] + [f"{_toml_key(k)} = {toml_value(v)}" for k, v in table.items()]
-    path.write_text("\n".join(lines) + "\n")
+    """Write the resolved config as TOML."""
+    write_toml(asdict(config), path)
 
 
-def _toml_key(key: str) -> str:
-    return key if key.replace("_", "").replace("-", "").isalnum() else f'"{key}"'
-
-
-def toml_value(value) -> str:
-    """`value` (bool, number, string or a list of them) as a TOML value."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {value!r} as TOML")
+def write_toml(values: dict, path: Path) -> None:
+    """Write `values` as a TOML file; None values are left out (TOML has no null)."""
+    path.write_text(tomli_w.dumps({k: v for k, v in values.items() if v is not None}))

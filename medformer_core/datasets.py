@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from medformer_core.data import DatasetOptions
-from medformer_core.errors import UnknownNameError, UsageError
+from medformer_core.errors import UsageError
 from medformer_core.interfaces import DatasetFactory
 from medformer_core.plugins import registries
 
@@ -35,7 +35,8 @@ def split_reference(ref: str) -> tuple[str, str | None]:
     return name.strip(), (arg if sep else None)
 
 
-def resolve_dataset(ref: str, *, data_root: str | Path | None = None, **options) -> tuple[DatasetFactory, DatasetOptions]:
+def resolve_dataset(ref: str, *, data_root: str | Path | None = None,
+                    **options) -> tuple[DatasetFactory, DatasetOptions]:
     """Find the factory for `ref` and the options to build it with.
 
     `options` are further `DatasetOptions` fields (size, seed, labeled, label_fraction, ...).
@@ -45,12 +46,10 @@ def resolve_dataset(ref: str, *, data_root: str | Path | None = None, **options)
     datasets = registries().datasets
     if name not in datasets and argument is None and Path(ref).expanduser().is_dir():
         name, argument = FOLDER_DATASET, ref.strip()  # a bare directory name; registered names win
-    if name not in datasets:
-        hint = "see all with `medformer datasets list`; a directory path selects the folder plugin"
-        if argument is not None and name == FOLDER_DATASET:
-            hint = "the folder plugin is not loaded; check `medformer plugins list`"
-        raise UnknownNameError(datasets.unknown_message(name), hint=hint)
-    factory = datasets.get(name)
+    hint = "see all with `medformer datasets list`; a directory path selects the folder plugin"
+    if argument is not None and name == FOLDER_DATASET:
+        hint = "the folder plugin is not loaded; check `medformer plugins list`"
+    factory = datasets.entry(name, hint).obj
     if argument is not None and not factory.takes_argument:
         raise UsageError(f"dataset '{name}' takes no argument, got '{ref}'", hint=f"use --dataset {name}")
     return factory, DatasetOptions(data_root=default_data_root(data_root), argument=argument, **options)

@@ -12,7 +12,6 @@ work (pictures, validation) and resumable state of their own.
 """
 
 import json
-import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from medformer_core.checkpoint import latest_checkpoint, load_checkpoint, save_c
 from medformer_core.devices import resolve_device
 from medformer_core.distributed import DistInfo, any_rank, init_distributed, shutdown_distributed
 from medformer_core.errors import TrainingError, UsageError
+from medformer_core.files import atomic_write
 from medformer_core.plots import plot_task_losses
 from medformer_core.progress import TrainingProgress
 
@@ -353,7 +353,7 @@ class Engine:
 
 def keep_records_until(path: Path, step: int) -> None:
     """Keep the records of a metrics.jsonl up to `step` (a resumed run writes the later ones again);
-    a torn line from a killed run is dropped. Written to a temporary file and renamed."""
+    a torn line from a killed run is dropped. Written atomically."""
     if not path.is_file():
         return
     kept = []
@@ -364,6 +364,5 @@ def keep_records_until(path: Path, step: int) -> None:
             continue
         if record.get("step", 0) <= step:
             kept.append(line + "\n")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        tmp.write_text("".join(kept))

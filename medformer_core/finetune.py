@@ -22,15 +22,16 @@ import torch
 from safetensors.torch import load_model
 
 from medformer_core.augment import Augment
+from medformer_core.builders import build_model
 from medformer_core.checkpoint import save_model_atomically
-from medformer_core.config import toml_value
+from medformer_core.config import write_toml
 from medformer_core.datasets import resolve_dataset
 from medformer_core.devices import resolve_device
 from medformer_core.engine import Engine, LoopSettings
 from medformer_core.errors import CheckpointError, RunStopped, UsageError
 from medformer_core.evaluation import medmnist_metrics, predict_split
 from medformer_core.model import ModelConfig, read_export_config
-from medformer_core.multitask import MultitaskModel, build_multitask_model
+from medformer_core.multitask import MultitaskModel
 from medformer_core.plugins import registries
 from medformer_core.sampling import MultiDatasetSampler
 from medformer_core.schedule import warmup_cosine
@@ -112,10 +113,10 @@ def build_finetune_model(config: FinetuneConfig, info) -> MultitaskModel:
     """The supervised model for `info`; with a source, its encoder is loaded (and frozen for a probe)."""
     task = registries().tasks.get(SUPERVISED_TASK).with_options(label_smoothing=config.label_smoothing)
     if config.source is None:
-        return build_multitask_model(config.model, [info], [task], **config.model_options)
+        return build_model(config.model, [info], [task], **config.model_options)
     source = encoder_dir(config.source)
     exported = ModelConfig(**read_export_config(source)["model"])
-    model = build_multitask_model(exported, [info], [task], **config.model_options)
+    model = build_model(exported, [info], [task], **config.model_options)
     model.load_encoder(source)
     if config.linear_probe:
         model.encoder.requires_grad_(False)
@@ -331,11 +332,7 @@ def _better(candidate: dict, incumbent: dict) -> bool:
 
 
 def write_finetune_config(config: FinetuneConfig, path: Path) -> None:
-    values = {k: v for k, v in asdict(config).items() if v is not None and k != "model_options"}
-    lines = [f"{k} = {toml_value(v)}" for k, v in values.items()]
-    if config.model_options:
-        lines += ["", "[model_options]"] + [f"{k} = {toml_value(v)}" for k, v in config.model_options.items()]
-    path.write_text("\n".join(lines) + "\n")
+    write_toml(asdict(config), path)
 
 
 def read_finetune_config(path: Path) -> FinetuneConfig:

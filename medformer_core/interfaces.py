@@ -9,18 +9,18 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from medformer_core.data import DatasetInfo, DatasetOptions, ImageSplit
 from medformer_core.errors import UsageError
+from medformer_core.lookup import unknown_name
 
 if TYPE_CHECKING:
     import torch
 
-    from medformer_core.multitask import TaskContext
+    from medformer_core.context import TaskContext
 
 
 class PluginObject(ABC):
@@ -134,6 +134,15 @@ class TaskResult:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+def classification_result(logits: torch.Tensor, target: torch.Tensor) -> TaskResult:
+    """The cross-entropy of `logits` [B, K] against class indices `target` [B], with the top-1
+    "accuracy" as its metric."""
+    import torch.nn.functional as F  # torch loads with the first task that runs, not with the plugin list
+
+    accuracy = (logits.argmax(dim=1) == target).float().mean()
+    return TaskResult(F.cross_entropy(logits, target), {"accuracy": accuracy.item()})
+
+
 @dataclass(frozen=True)
 class NoOptions:
     """A task without options."""
@@ -145,6 +154,7 @@ class PretextTask(PluginObject):
     It never owns the training loop. A task implements `output_spec`, `make_view` and `loss`; the
     default `forward` runs make_view -> ctx.encode -> ctx.decode -> loss, and a task whose flow
     differs (several encodes, a gradient reversal) overrides `forward` instead of the last two.
+    `ctx` is a `medformer_core.context.TaskContext`.
 
     Options are a frozen dataclass `Options` (defaults and `__post_init__` checks);
     `task.with_options(weight=2.0, mask_ratio=0.8)` returns a configured copy. `weight` scales the
@@ -164,9 +174,7 @@ class PretextTask(PluginObject):
         known = [f.name for f in dataclasses.fields(self.Options)]
         for key in options:
             if key not in known:
-                close = difflib.get_close_matches(key, known, n=1)
-                hint = f"did you mean '{close[0]}'?" if close else f"its options: {', '.join(known) or 'none'}"
-                raise UsageError(f"task '{self.name}' has no option '{key}'", hint=hint)
+                raise unknown_name(f"task '{self.name}' has no option '{key}'", key, known)
         try:
             return self.Options(**options)
         except (TypeError, ValueError) as exc:

@@ -24,7 +24,6 @@ transfers to another); each dataset adds its own learned embedding, zero at star
 """
 
 import dataclasses
-import difflib
 import functools
 import json
 from dataclasses import dataclass
@@ -37,9 +36,10 @@ from torch import nn
 
 from medformer_core.blocks import Block, CrossBlock, init_weights
 from medformer_core.errors import CheckpointError, UsageError
-from medformer_core.interfaces import InputSpec
+from medformer_core.interfaces import InputAdapter, InputSpec
+from medformer_core.lookup import lookup, unknown_name
 from medformer_core.patches import grid_shape, sincos_position_embedding
-from medformer_core.plugins import registries
+from medformer_core.registry import Registry
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -91,18 +91,11 @@ PRESETS = {
 
 def model_config(preset: "str | ModelConfig", **overrides) -> ModelConfig:
     """A preset's config (or `preset` itself) with `overrides` applied, checked by name."""
-    if isinstance(preset, ModelConfig):
-        base = preset
-    elif preset in PRESETS:
-        base = PRESETS[preset]
-    else:
-        raise UsageError(f"unknown model preset '{preset}'", hint=f"choose one of: {', '.join(PRESETS)}")
+    base = preset if isinstance(preset, ModelConfig) else lookup(PRESETS, preset, "model preset")
     known = [f.name for f in dataclasses.fields(ModelConfig)]
     for key in overrides:
         if key not in known:
-            close = difflib.get_close_matches(key, known, n=1)
-            raise UsageError(f"unknown model option '{key}'",
-                             hint=f"did you mean '{close[0]}'?" if close else f"options: {', '.join(known)}")
+            raise unknown_name(f"unknown model option '{key}'", key, known)
     return dataclasses.replace(base, **overrides)
 
 
@@ -122,9 +115,11 @@ class Medformer(nn.Module):
     config:   the model hyper-parameters.
     inputs:   the (spatial dims, channels, size) inputs to embed; one adapter per modality.
     datasets: the dataset names that get a learned dataset embedding.
+    input_adapters: the adapters by name (the plugins' registry), built per modality.
     """
 
-    def __init__(self, config: ModelConfig, inputs: list[InputSpec], datasets: list[str]):
+    def __init__(self, config: ModelConfig, inputs: list[InputSpec], datasets: list[str],
+                 input_adapters: Registry[InputAdapter]):
         super().__init__()
         self.config = config
         self.inputs: dict[str, InputSpec] = {}
@@ -134,7 +129,7 @@ class Medformer(nn.Module):
             key = modality_key(adapter, spec.channels)
             if key not in self.adapters:
                 self.inputs[key] = spec
-                self.adapters[key] = registries().input_adapters.get(adapter).build(
+                self.adapters[key] = input_adapters.get(adapter).build(
                     channels=spec.channels, size=tuple(spec.size), embed_dim=config.embed_dim, patch=patch)
         self.datasets = list(dict.fromkeys(datasets))
         self.dataset_embed = nn.ParameterDict(
@@ -225,8 +220,9 @@ class Medformer(nn.Module):
         return directory
 
     @classmethod
-    def from_pretrained(cls, directory: "str | Path") -> "Medformer":
-        """Rebuild the exported encoder in `directory` and load its weights (exactly, on CPU)."""
+    def from_pretrained(cls, directory: "str | Path", input_adapters: Registry[InputAdapter]) -> "Medformer":
+        """Rebuild the exported encoder in `directory` (its adapters from `input_adapters`) and load
+        its weights (exactly, on CPU)."""
         directory = Path(directory)
         exported = read_export_config(directory)
         try:
@@ -235,7 +231,7 @@ class Medformer(nn.Module):
             datasets = list(exported["datasets"])
         except (KeyError, TypeError) as exc:
             raise CheckpointError(f"{directory / CONFIG_FILE} is not a medformer encoder config: {exc}") from None
-        encoder = cls(config, inputs, datasets)
+        encoder = cls(config, inputs, datasets, input_adapters)
         missing, unexpected = load_encoder_weights(encoder, directory)
         if missing or unexpected:
             raise CheckpointError(
@@ -278,7 +274,8 @@ def region_means(tokens: torch.Tensor, regions: torch.Tensor, latents: int) -> t
     b, _, e = tokens.shape
     index = regions.unsqueeze(-1).expand(-1, -1, e)
     sums = tokens.new_zeros(b, latents, e).scatter_add_(1, index, tokens)
-    counts = tokens.new_zeros(b, latents, 1).scatter_add_(1, regions.unsqueeze(-1), tokens.new_ones(b, regions.shape[1], 1))
+    counts = tokens.new_zeros(b, latents, 1).scatter_add_(1, regions.unsqueeze(-1),
+                                                          tokens.new_ones(b, regions.shape[1], 1))
     return sums / counts.clamp_min(1.0)
 
 

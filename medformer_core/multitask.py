@@ -3,7 +3,7 @@
 The training engine's boundary:
 
     check_tasks_accept(tasks, datasets)                       # UsageError before training
-    model = build_multitask_model("tiny", datasets, tasks, latents=64)
+    model = build_multitask_model("tiny", datasets, tasks, input_adapters, output_heads, latents=64)
     results = model(batch, generator)                         # {task name: TaskResult}
     scores = model.predict(batch)                             # supervised scores [B, L]
     model.save_pictures(batch, generator, run_dir / "pictures", step)
@@ -25,20 +25,20 @@ from torch import nn
 
 from medformer_core.data import DatasetInfo
 from medformer_core.errors import CheckpointError, UsageError
-from medformer_core.interfaces import InputSpec, OutputSpec, PretextTask, TaskResult
+from medformer_core.interfaces import InputAdapter, InputSpec, OutputHead, OutputSpec, PretextTask, TaskResult
 from medformer_core.model import (
     Medformer,
     ModelConfig,
     OutputAdaptformer,
     load_encoder_weights,
-    model_config,
     modality_key,
+    model_config,
     module_key,
     read_export_config,
 )
 from medformer_core.patches import grid_shape, patchify, unpatchify
 from medformer_core.pictures import save_picture_grid
-from medformer_core.plugins import registries
+from medformer_core.registry import Registry
 
 ENCODER_ONLY_FIELDS = ("drop_path", "decoder_depth")  # config fields an exported encoder need not share
 SHARED_OUTPUT = "all-datasets"  # the key of a task output shared by every dataset (OutputSpec.shared)
@@ -64,11 +64,13 @@ def check_tasks_accept(tasks: list[PretextTask], datasets: list[DatasetInfo]) ->
 
 
 def build_multitask_model(preset: "str | ModelConfig", datasets: list[DatasetInfo], tasks: list[PretextTask],
+                          input_adapters: Registry[InputAdapter], output_heads: Registry[OutputHead],
                           **overrides) -> "MultitaskModel":
-    """The model for a run: `preset` ("tiny", "small", "base" or a ModelConfig) with `overrides`."""
+    """The model for a run: `preset` ("tiny", "small", "base" or a ModelConfig) with `overrides`,
+    its adapters and heads built from `input_adapters` and `output_heads`."""
     config = model_config(preset, **overrides)
     check_tasks_accept(tasks, datasets)
-    return MultitaskModel(config, datasets, tasks)
+    return MultitaskModel(config, datasets, tasks, input_adapters, output_heads)
 
 
 @dataclass
@@ -101,8 +103,8 @@ class TaskOutput(nn.Module):
         return self.head(self.adaptformer(latents, positions))
 
 
-class TaskContext:
-    """What a task sees of the model while it works on one dataset's batch."""
+class ModelTaskContext:
+    """The `TaskContext` of `task` on a batch of dataset `info`, backed by `model`."""
 
     def __init__(self, model: "MultitaskModel", task: PretextTask, info: DatasetInfo):
         self.model = model
@@ -120,6 +122,7 @@ class TaskContext:
         return self.output(latents, positions)
 
     def patch_size(self, image: torch.Tensor) -> tuple[int, ...]:
+        """The patch size of the input adapter of `image` [B, C, *S]."""
         return tuple(self.model.encoder.adapter_for(image).patch_size)
 
     def num_patches(self, image: torch.Tensor) -> int:
@@ -137,9 +140,14 @@ class TaskContext:
 
 class MultitaskModel(nn.Module):
     """The shared encoder (`.encoder`) plus `outputs[task][dataset]`, a TaskOutput per pair (or
-    `outputs[task]["all-datasets"]` for a task whose output is shared)."""
+    `outputs[task]["all-datasets"]` for a task whose output is shared).
 
-    def __init__(self, config: ModelConfig, datasets: list[DatasetInfo], tasks: list[PretextTask]):
+    input_adapters and output_heads: where the encoder's adapters and the tasks' heads are built
+    from by name (the plugins' registries).
+    """
+
+    def __init__(self, config: ModelConfig, datasets: list[DatasetInfo], tasks: list[PretextTask],
+                 input_adapters: Registry[InputAdapter], output_heads: Registry[OutputHead]):
         super().__init__()
         names = [info.name for info in datasets]
         if len(set(names)) != len(names) or not names:
@@ -154,17 +162,18 @@ class MultitaskModel(nn.Module):
             inputs.append(InputSpec(info.spatial_dims, info.channels, tuple(info.size)))
             for task in self.accepted[info.name]:
                 inputs += task.extra_inputs(info)
-        self.encoder = Medformer(config, inputs, names)
+        self.encoder = Medformer(config, inputs, names, input_adapters)
         self.outputs = nn.ModuleDict({module_key(task.name): nn.ModuleDict() for task in tasks})
         for task in tasks:
             shared_spec = None
             for info in [i for i in datasets if task in self.accepted[i.name]]:
                 spec = task.output_spec(info, datasets)
+                head = output_heads.get(spec.head)
                 outputs = self.outputs[module_key(task.name)]
                 if not spec.shared:
-                    outputs[module_key(info.name)] = self.build_output(task, info, spec)
+                    outputs[module_key(info.name)] = self.build_output(task, info, spec, head)
                 elif shared_spec is None:
-                    shared_spec, outputs[SHARED_OUTPUT] = spec, self.build_output(task, info, spec)
+                    shared_spec, outputs[SHARED_OUTPUT] = spec, self.build_output(task, info, spec, head)
                 elif spec != shared_spec:
                     raise UsageError(f"task '{task.name}' shares one output across datasets but asks for "
                                      f"{spec} on '{info.name}' and {shared_spec} on another")
@@ -173,9 +182,8 @@ class MultitaskModel(nn.Module):
         outputs = self.outputs[module_key(task.name)]
         return outputs[SHARED_OUTPUT] if SHARED_OUTPUT in outputs else outputs[module_key(info.name)]
 
-    def build_output(self, task: PretextTask, info: DatasetInfo, spec: OutputSpec) -> TaskOutput:
-        """The Output Adaptformer and head of `spec`, for `task` on dataset `info`."""
-        head = registries().output_heads.get(spec.head)
+    def build_output(self, task: PretextTask, info: DatasetInfo, spec: OutputSpec, head: OutputHead) -> TaskOutput:
+        """The Output Adaptformer and `head` (registered as `spec.head`) of `spec`, for `task` on `info`."""
         if spec.queries == "patches" and spec.shared:
             raise UsageError(f"task '{task.name}' asks for a shared dense output",
                              hint="dense outputs follow each dataset's grid; drop shared=True")
@@ -217,7 +225,7 @@ class MultitaskModel(nn.Module):
         for task in self.accepted[info.name]:
             if task.needs_labels and batch.get("label") is None:
                 continue
-            results[task.name] = task.forward(TaskContext(self, task, info), batch, generator)
+            results[task.name] = task.forward(ModelTaskContext(self, task, info), batch, generator)
         return results
 
     def predict(self, batch: dict, task: str = "supervised") -> torch.Tensor:
@@ -232,7 +240,7 @@ class MultitaskModel(nn.Module):
         if chosen is None or chosen not in self.accepted[info.name]:
             raise UsageError(f"this model has no '{task}' output for dataset '{info.name}'",
                              hint=f"tasks on it: {', '.join(t.name for t in self.accepted[info.name]) or 'none'}")
-        return chosen.predict(TaskContext(self, chosen, info), batch)
+        return chosen.predict(ModelTaskContext(self, chosen, info), batch)
 
     @torch.no_grad()
     def save_pictures(self, batch: dict, generator: torch.Generator, out_dir: Path, step: int,
@@ -249,7 +257,7 @@ class MultitaskModel(nn.Module):
         written = []
         try:
             for task in self.accepted[info.name]:
-                columns = task.pictures(TaskContext(self, task, info), sample, generator)
+                columns = task.pictures(ModelTaskContext(self, task, info), sample, generator)
                 if columns:
                     path = Path(out_dir) / f"{task.name}-{info.name}-step{step:06d}.png"
                     written.append(save_picture_grid(columns, path))

@@ -7,6 +7,7 @@ padding off again.
 """
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +48,16 @@ def unpatchify(patches: torch.Tensor, patch: tuple[int, ...], channels: int, siz
     order = [0, 1 + dims] + [n for i in range(dims) for n in (1 + i, 2 + dims + i)]  # [B, C, g0, p0, ...]
     x = x.permute(order).reshape([b, channels] + [g * p for g, p in zip(grid, patch)])
     return x[(slice(None), slice(None)) + tuple(slice(0, s) for s in size)]
+
+
+def map_tiles(x: torch.Tensor, tile: tuple[int, ...], change: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """x [B, C, *S] cut into whole `tile`s (a remainder at the end of an axis stays as it is);
+    `change` maps those tiles, [B, T, C * prod(tile)] row-major like `patchify`, to new ones."""
+    covered = tuple(s // t * t for s, t in zip(x.shape[2:], tile))
+    region = (slice(None), slice(None)) + tuple(slice(0, c) for c in covered)
+    out = x.clone()
+    out[region] = unpatchify(change(patchify(x[region], tile)), tile, x.shape[1], covered)
+    return out
 
 
 def sincos_position_embedding(grid: tuple[int, ...], dim: int) -> torch.Tensor:

@@ -29,10 +29,15 @@ def to_rgb(image: torch.Tensor) -> np.ndarray:
     return (rgb.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
 
+def views(sample: torch.Tensor) -> list[np.ndarray]:
+    """sample [C, H, W] or [C, D, H, W] in [0, 1] -> uint8 [h, w, 3] pictures: the image, or the
+    volume's three middle slices."""
+    return [to_rgb(p) for p in ([sample] if sample.ndim == 3 else middle_slices(sample))]
+
+
 def cell(sample: torch.Tensor) -> np.ndarray:
     """sample [C, H, W] or [C, D, H, W] -> one uint8 picture [h, w, 3] (3D: slices side by side)."""
-    parts = [sample] if sample.ndim == 3 else middle_slices(sample)
-    tiles = [to_rgb(p) for p in parts]
+    tiles = views(sample)
     height = max(t.shape[0] for t in tiles)
     padded = [np.pad(t, ((0, height - t.shape[0]), (0, GAP), (0, 0))) for t in tiles]
     return np.concatenate(padded, axis=1)[:, :-GAP]

@@ -13,8 +13,9 @@ from functools import cache
 import pluggy
 
 from medformer_core import hookspecs
-from medformer_core.errors import MedformerError, UnknownNameError
+from medformer_core.errors import MedformerError
 from medformer_core.interfaces import DatasetFactory, InputAdapter, OutputHead, PretextTask
+from medformer_core.lookup import lookup, unknown_name
 from medformer_core.registry import Provider, Registry
 
 ENTRY_POINT_GROUP = "medformer"
@@ -62,22 +63,16 @@ class Registries:
         return [self.datasets, self.input_adapters, self.output_heads, self.tasks]
 
     def kind(self, kind: str) -> Registry:
-        for registry in self.all():
-            if registry.kind == kind:
-                return registry
-        kinds = ", ".join(r.kind for r in self.all())
-        raise UnknownNameError(f"unknown plugin kind '{kind}'", hint=f"choose one of: {kinds}")
+        kinds = {registry.kind: registry for registry in self.all()}
+        return lookup(kinds, kind, "plugin kind", hint=f"choose one of: {', '.join(kinds)}")
 
     def find(self, name: str):
         """The entry called `name` in any registry."""
         for registry in self.all():
             if name in registry:
                 return registry.entry(name)
-        every = Registry("plugin", object)
-        for registry in self.all():
-            for entry in registry:
-                every._entries.setdefault(entry.name, entry)
-        raise UnknownNameError(every.unknown_message(name), hint="see all with `medformer plugins list`")
+        every = sorted({n for registry in self.all() for n in registry.names()})
+        raise unknown_name(f"unknown plugin '{name}'", name, every, hint="see all with `medformer plugins list`")
 
 
 def _allowed_external() -> set[str] | None:

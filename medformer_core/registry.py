@@ -1,10 +1,11 @@
 """Typed registries: name -> registered object, with who provided it."""
 
-import difflib
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Generic, Iterator, TypeVar
+from typing import Generic, TypeVar
 
-from medformer_core.errors import PluginConflictError, UnknownNameError
+from medformer_core.errors import PluginConflictError
+from medformer_core.lookup import lookup
 
 T = TypeVar("T")
 
@@ -53,16 +54,10 @@ class Registry(Generic[T]):
     def get(self, name: str) -> T:
         return self.entry(name).obj
 
-    def entry(self, name: str) -> Entry[T]:
-        try:
-            return self._entries[name]
-        except KeyError:
-            raise UnknownNameError(self.unknown_message(name), hint=f"see all with `medformer plugins list --kind {self.kind}`") from None
-
-    def unknown_message(self, name: str) -> str:
-        close = difflib.get_close_matches(name, list(self._entries), n=3, cutoff=0.5)
-        suggestion = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-        return f"unknown {self.kind} '{name}'{suggestion}"
+    def entry(self, name: str, hint: str | None = None) -> Entry[T]:
+        """The entry called `name`; an unknown name is an error with close matches and `hint`."""
+        hint = hint or f"see all with `medformer plugins list --kind {self.kind}`"
+        return lookup(self._entries, name, self.kind, hint)
 
     def __contains__(self, name: str) -> bool:
         return name in self._entries

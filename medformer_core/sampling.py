@@ -11,7 +11,7 @@ each rank then reads its own shard of that dataset's epoch-wise permutation.
 """
 
 import zlib
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -42,7 +42,8 @@ class MultiDatasetSampler:
         for name, n in self.sizes.items():
             if self._shard_length(n) < (batch_size if drop_last else 1):
                 raise UsageError(
-                    f"dataset '{name}' has {n} samples, {self._shard_length(n)} per rank: fewer than the batch size {batch_size}",
+                    f"dataset '{name}' has {n} samples, {self._shard_length(n)} per rank: "
+                    f"fewer than the batch size {batch_size}",
                     hint="lower the batch size, or use a larger dataset",
                 )
         self.names = list(self.sizes)
@@ -89,7 +90,8 @@ class MultiDatasetSampler:
         for key in ("sizes", "seed", "batch_size", "temperature", "world_size", "drop_last"):
             if state.get(key) != getattr(self, key):
                 raise UsageError(
-                    f"cannot resume the dataset sampler: its {key} was {state.get(key)!r}, this run has {getattr(self, key)!r}",
+                    f"cannot resume the dataset sampler: its {key} was {state.get(key)!r}, "
+                    f"this run has {getattr(self, key)!r}",
                     hint="resume with the same datasets, batch size, temperature, seed and number of processes",
                 )
         self.step = int(state["step"])

@@ -8,20 +8,20 @@ task pictures and the exported encoder. SIGINT/SIGTERM finish the step, checkpoi
 """
 
 import math
-import os
-import shutil
 from pathlib import Path
 
 import torch
 
 from medformer_core.augment import Augment
+from medformer_core.builders import build_model
 from medformer_core.config import RunConfig, write_config
 from medformer_core.data import ImageSplit
 from medformer_core.datasets import resolve_dataset
 from medformer_core.engine import METRICS_FILE, Engine, LoopSettings
 from medformer_core.errors import UsageError
+from medformer_core.files import atomic_write
 from medformer_core.knn import KnnMonitor
-from medformer_core.multitask import MultitaskModel, build_multitask_model, check_tasks_accept
+from medformer_core.multitask import MultitaskModel, check_tasks_accept
 from medformer_core.plots import plot_knn
 from medformer_core.plugins import registries
 from medformer_core.sampling import MultiDatasetSampler
@@ -38,18 +38,6 @@ def base_augment(spatial_dims: int) -> Augment:
     heavy views (contrastive) augment on their own."""
     return Augment(spatial_dims, flip_prob=0.0, rot90=False, crop_scale=(0.7, 1.0), intensity=0.1,
                    noise_std=0.0, blur_prob=0.0)
-
-
-def export_atomically(encoder, directory: Path) -> None:
-    """`encoder.save_pretrained(directory)` through a temporary directory and renames."""
-    tmp, old = directory.with_name(f".{directory.name}-tmp"), directory.with_name(f".{directory.name}-old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    encoder.save_pretrained(tmp)
-    if directory.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(directory, old)
-    os.rename(tmp, directory)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def configured_tasks(config: RunConfig) -> list:
@@ -102,7 +90,8 @@ class Trainer(Engine):
         self.splits = load_train_splits(config, labeled=needs_labels)
         infos = [split.info for split in self.splits.values()]
         check_tasks_accept(self.tasks, infos)
-        self.model: MultitaskModel = build_multitask_model(config.model, infos, self.tasks, **config.model_options).to(self.device)
+        self.model: MultitaskModel = build_model(config.model, infos, self.tasks,
+                                                 **config.model_options).to(self.device)
         self.weighting = make_weighting(config.weighting, {t.name: t.weight for t in self.tasks}).to(self.device)
         self.optimizer = torch.optim.AdamW(
             self._param_groups(), lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay
@@ -170,7 +159,8 @@ class Trainer(Engine):
         """Checkpoint, then export the encoder beside it (rank 0)."""
         path = super().save()
         if path is not None:
-            export_atomically(self.model.encoder, self.run_dir / "encoder")
+            with atomic_write(self.run_dir / "encoder") as tmp:
+                self.model.encoder.save_pretrained(tmp)
         return path
 
     def _pictures(self) -> None:

@@ -25,21 +25,24 @@ Processed splits are cached as `.npy` under `$MEDFORMER_CACHE_DIR/folder` (defau
 ~/.cache/medformer), keyed by the settings and every file's size and mtime.
 """
 
+import csv
 import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
 from medformer_core import hookimpl
 from medformer_core.data import DatasetInfo, DatasetOptions, ImageSplit, stratified_subset
 from medformer_core.errors import DataError, MedformerError, UsageError
+from medformer_core.files import atomic_write
 from medformer_core.interfaces import DatasetFactory
+from medformer_core.options import parse_options, settings_of, split_pairs
 from medformer_plugins.folder_preprocess import FIT_MODES, INTENSITY_MODES, SLICE_AXES, fit, normalize, slices, to_uint8
 from medformer_plugins.folder_readers import Sample, describe_error, find_samples, read_sample
 from medformer_plugins.medmnist_files import cache_dir
@@ -55,19 +58,31 @@ WARN_LIMIT = 20
 class Settings:
     root: Path
     size: int | None = None
-    fit: str = "pad"
-    intensity: str = "auto"
+    fit: Literal[FIT_MODES] = "pad"
+    intensity: Literal[INTENSITY_MODES] = "auto"
     window: tuple[float, float] = (0.0, 2000.0)
     percentiles: tuple[float, float] = (0.5, 99.5)
-    slices: str = "none"
-    channels: str = "auto"
+    slices: Literal[("none", *SLICE_AXES)] = "none"
+    channels: Literal["auto"] | int = "auto"
     labels: str | None = None
     val: float = 0.1
     test: float = 0.1
     split_seed: int = 0
 
+    def __post_init__(self):
+        if self.size is not None and self.size < 4:
+            raise ValueError("size must be >= 4")
+        if self.window[1] <= 0:
+            raise ValueError("window width must be > 0")
+        if not 0 <= self.percentiles[0] < self.percentiles[1] <= 100:
+            raise ValueError("percentiles must satisfy 0 <= low < high <= 100")
+        if self.channels != "auto" and self.channels < 1:
+            raise ValueError("channels must be auto or >= 1")
+        if not 0 <= self.val + self.test < 1:
+            raise ValueError("val + test must be in [0, 1)")
 
-KEYS = [name for name in Settings.__dataclass_fields__ if name != "root"]
+
+KEYS = settings_of(Settings)
 
 
 def parse_settings(argument: str | None, extra: dict) -> Settings:
@@ -75,62 +90,17 @@ def parse_settings(argument: str | None, extra: dict) -> Settings:
     if not argument:
         raise UsageError("the folder dataset needs a directory", hint="use --dataset folder:PATH or --dataset PATH")
     items = argument.split(",")
-    given: dict[str, str] = {}
-    while len(items) > 1 and "=" in items[-1] and items[-1].split("=", 1)[0].strip() in KEYS:
-        key, value = items.pop().split("=", 1)
-        given.setdefault(key.strip(), value.strip())
-    for item in items[1:]:
-        if "=" in item:
-            raise UsageError(f"folder dataset: unknown setting '{item}'", hint=f"settings: {', '.join(KEYS)}")
+    pairs = []
+    while len(items) > 1 and "=" in items[-1]:
+        pairs.insert(0, items.pop())
+    given = split_pairs(pairs, "folder dataset", "folder:PATH,size=64")
     values = {k: str(v) for k, v in extra.items() if k in KEYS} | given
     root = Path(",".join(items)).expanduser()
     try:
-        return _checked(root, values)
+        return Settings(root, **parse_options(Settings, values, "folder dataset"))
     except ValueError as exc:
-        raise UsageError(f"folder dataset: bad setting ({exc})", hint=f"settings: {', '.join(KEYS)}; see `medformer datasets info folder:PATH`") from None
-
-
-def _checked(root: Path, values: dict[str, str]) -> Settings:
-    def pair(text: str) -> tuple[float, float]:
-        a, sep, b = text.partition(":")
-        if not sep:
-            raise ValueError(f"expected A:B, got '{text}'")
-        return float(a), float(b)
-
-    def choice(key: str, allowed) -> str:
-        if values[key] not in allowed:
-            raise ValueError(f"{key} must be one of {', '.join(allowed)}, got '{values[key]}'")
-        return values[key]
-
-    s = {}
-    if "size" in values:
-        s["size"] = int(values["size"])
-        if s["size"] < 4:
-            raise ValueError("size must be >= 4")
-    for key, allowed in (("fit", FIT_MODES), ("intensity", INTENSITY_MODES), ("slices", ("none",) + tuple(SLICE_AXES))):
-        if key in values:
-            s[key] = choice(key, allowed)
-    for key in ("window", "percentiles"):
-        if key in values:
-            s[key] = pair(values[key])
-    if "window" in s and s["window"][1] <= 0:
-        raise ValueError("window width must be > 0")
-    if "percentiles" in s and not 0 <= s["percentiles"][0] < s["percentiles"][1] <= 100:
-        raise ValueError("percentiles must satisfy 0 <= low < high <= 100")
-    if "channels" in values:
-        if values["channels"] != "auto" and not values["channels"].isdigit():
-            raise ValueError(f"channels must be auto or a number, got '{values['channels']}'")
-        s["channels"] = values["channels"]
-    for key in ("val", "test"):
-        if key in values:
-            s[key] = float(values[key])
-    if not 0 <= s.get("val", 0.1) + s.get("test", 0.1) < 1:
-        raise ValueError("val + test must be in [0, 1)")
-    if "split_seed" in values:
-        s["split_seed"] = int(values["split_seed"])
-    if "labels" in values:
-        s["labels"] = values["labels"]
-    return Settings(root, **s)
+        raise UsageError(f"folder dataset: bad setting ({exc})",
+                         hint=f"settings: {', '.join(KEYS)}; see `medformer datasets info folder:PATH`") from None
 
 
 @dataclass
@@ -251,7 +221,8 @@ class Folder(DatasetFactory):
         path = Path(settings.labels).expanduser()
         path = path if path.is_absolute() else settings.root / path
         if not path.is_file():
-            raise UsageError(f"labels file {path} not found", hint="give labels=PATH (relative to the folder or absolute)")
+            raise UsageError(f"labels file {path} not found",
+                             hint="give labels=PATH (relative to the folder or absolute)")
         return path
 
     @staticmethod
@@ -340,7 +311,7 @@ class Folder(DatasetFactory):
             log.warning("folder %s: %s", root, "; ".join(notes))
 
 
-def _channel_count(samples: list[Sample], wanted: str) -> int:
+def _channel_count(samples: list[Sample], wanted: str | int) -> int:
     if wanted != "auto":
         return int(wanted)
     counts = Counter(s.channels for s in samples)
@@ -361,21 +332,21 @@ def _read_labels(path: Path | None, keys: set[str]) -> tuple[dict[str, object], 
     """Labels CSV -> ({sample key: label value}, {sample key: split}, rows naming no sample)."""
     if path is None:
         return {}, {}, 0
-    import pandas as pd
-
     try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (ValueError, OSError, pd.errors.ParserError) as exc:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = [row for row in csv.reader(f) if row]
+    except (OSError, ValueError, csv.Error) as exc:
         raise DataError(f"{path}: not a readable CSV ({str(exc).splitlines()[0]})") from None
-    columns = [c.strip().lower() for c in table.columns]
-    table.columns = columns
+    columns = [c.strip().lower() for c in rows[0]] if rows else []
     if len(columns) < 2:
         raise DataError(f"{path}: expected columns path,label[,split], found {', '.join(columns) or 'none'}")
     path_column = "path" if "path" in columns else columns[0]
     label_column = "label" if "label" in columns else [c for c in columns if c not in (path_column, "split")][0]
     labels, splits, unmatched = {}, {}, 0
-    for row in table.itertuples(index=False):
-        row = dict(zip(columns, row))
+    for values in rows[1:]:
+        if len(values) > len(columns):
+            raise DataError(f"{path}: not a readable CSV (row '{','.join(values)}' has more fields than the header)")
+        row = dict(zip(columns, values + [""] * (len(columns) - len(values))))
         key = row[path_column].strip().removeprefix("./").rstrip("/")
         if key not in keys:
             unmatched += 1
@@ -421,12 +392,10 @@ def _cache_key(settings: Settings, chosen: list[Sample], shape: tuple, split: st
 def _store(folder: Path, images: np.ndarray, meta: dict) -> None:
     """Write the processed split atomically; a cache that cannot be written is not an error."""
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, temp = tempfile.mkstemp(dir=folder, suffix=".npy")
-        with os.fdopen(fd, "wb") as f:
+        with atomic_write(folder / "images.npy") as temp, open(temp, "wb") as f:
             np.save(f, images)
-        os.replace(temp, folder / "images.npy")
-        (folder / "meta.json").write_text(json.dumps(meta))
+        with atomic_write(folder / "meta.json") as temp:
+            temp.write_text(json.dumps(meta))
     except OSError as exc:
         log.debug("could not cache %s: %s", folder, exc)
 

@@ -218,7 +218,8 @@ def _group_dicom(paths: list[Path], root: Path) -> tuple[list[Sample], list[tupl
     for uid, headers in series.items():
         headers = _sort_slices(headers)
         if len(headers) == 1:
-            samples.append(Sample(_rel(Path(headers[0].filename), root), "dicom", [Path(headers[0].filename)], headers=headers))
+            samples.append(Sample(_rel(Path(headers[0].filename), root), "dicom", [Path(headers[0].filename)],
+                                  headers=headers))
             continue
         folder = Path(headers[0].filename).parent
         key = _rel(folder, root) + (f"#{uid}" if len(folders[folder]) > 1 else "")
@@ -314,7 +315,8 @@ def _frame_order(dataset, count: int) -> tuple[np.ndarray, float]:
             normal_source = shared.PlaneOrientationSequence[0] if shared and "PlaneOrientationSequence" in shared \
                 else groups[0].PlaneOrientationSequence[0]
             normal = _slice_normal(normal_source)
-            positions = [float(np.dot(np.array(g.PlanePositionSequence[0].ImagePositionPatient, float), normal)) for g in groups]
+            positions = [float(np.dot(np.array(g.PlanePositionSequence[0].ImagePositionPatient, float), normal))
+                         for g in groups]
         except (AttributeError, IndexError, KeyError, TypeError):
             positions = None
     elif dataset.get("GridFrameOffsetVector") is not None:

@@ -14,7 +14,15 @@ from medformer_core.datasets import default_data_root
 from medformer_core.errors import UsageError
 from medformer_core.interfaces import DatasetFactory
 from medformer_plugins.medmnist_files import (
-    SPLITS, NpzFile, Variant, all_variants, check_headers, check_md5, locate, read_images, read_labels,
+    SPLITS,
+    NpzFile,
+    Variant,
+    all_variants,
+    check_headers,
+    check_md5,
+    locate,
+    read_images,
+    read_labels,
     sizes_offered,
 )
 

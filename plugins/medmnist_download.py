@@ -7,13 +7,13 @@ holds the official file names, e.g. an institutional mirror or `file:///shared/m
 
 import hashlib
 import os
-import tempfile
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from medformer_core.errors import DataError
+from medformer_core.files import atomic_write
 from medformer_plugins.medmnist_files import Variant, file_md5
 
 MIRROR_ENV = "MEDFORMER_MEDMNIST_MIRROR"
@@ -38,20 +38,15 @@ def download(variant: Variant, data_root: Path, *, force: bool = False, ignore_m
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise DataError(f"cannot create data root {target.parent}: {exc.strerror}", hint="pass a writable --data-root") from None
-    fd, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{variant.file_name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as out:
+        raise DataError(f"cannot create data root {target.parent}: {exc.strerror}",
+                        hint="pass a writable --data-root") from None
+    with atomic_write(target) as temp:
+        with open(temp, "wb") as out:
             actual = _fetch(url, out, progress, opener or urllib.request.urlopen)
         if actual != variant.md5 and not ignore_md5:
-            raise DataError(f"{url}: downloaded MD5 {actual} differs from {variant.md5} (medmnist.INFO); nothing was saved",
+            raise DataError(f"{url}: downloaded MD5 {actual} differs from {variant.md5} (medmnist.INFO); "
+                            "nothing was saved",
                             hint="retry; pass --ignore-md5 to keep a file whose checksum differs")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temp, 0o666 & ~umask)  # mkstemp makes 0600; the file should read like any other
-        os.replace(temp, target)
-    finally:
-        Path(temp).unlink(missing_ok=True)
     return target, True
 
 

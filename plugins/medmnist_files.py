@@ -12,7 +12,6 @@ replaced archive is extracted again. Small members are read into memory.
 import hashlib
 import os
 import shutil
-import tempfile
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from medformer_core.errors import DataError, UsageError
+from medformer_core.files import atomic_write
 
 SPLITS = ("train", "val", "test")
 KEYS = tuple(f"{split}_{part}" for split in SPLITS for part in ("images", "labels"))
@@ -137,7 +137,8 @@ class NpzFile:
     def require(self, keys) -> None:
         missing = [key for key in keys if key not in self.members]
         if missing:
-            raise DataError(f"{self.path}: missing key(s) {', '.join(missing)}; found {', '.join(sorted(self.members)) or 'none'}",
+            raise DataError(f"{self.path}: missing key(s) {', '.join(missing)}; "
+                            f"found {', '.join(sorted(self.members)) or 'none'}",
                             hint="a MedMNIST file holds train/val/test _images and _labels")
 
     def header(self, key: str) -> tuple[tuple[int, ...], np.dtype]:
@@ -188,14 +189,8 @@ class NpzFile:
         for stale in folder.parent.glob(f"{self.path.stem}-{tag}-*"):
             if stale != folder:
                 shutil.rmtree(stale, ignore_errors=True)
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, temp = tempfile.mkstemp(dir=folder, suffix=".part")
-        try:
-            with os.fdopen(fd, "wb") as out, self.zip.open(self.members[key]) as member:
-                shutil.copyfileobj(member, out, length=2**22)
-            os.replace(temp, target)
-        finally:
-            Path(temp).unlink(missing_ok=True)
+        with atomic_write(target) as temp, open(temp, "wb") as out, self.zip.open(self.members[key]) as member:
+            shutil.copyfileobj(member, out, length=2**22)
         return target
 
 
@@ -243,12 +238,14 @@ def check_headers(variant: Variant, npz: NpzFile, split: str) -> int:
     shape, dtype = npz.header(f"{split}_images")
     expected = sample_shape(variant)
     if dtype != np.uint8 or len(shape) != 1 + len(expected) or tuple(shape[1:]) != expected:
-        raise DataError(f"{npz.path}: {split}_images is {dtype}{list(shape)}, expected uint8[N, {', '.join(map(str, expected))}]",
+        raise DataError(f"{npz.path}: {split}_images is {dtype}{list(shape)}, "
+                        f"expected uint8[N, {', '.join(map(str, expected))}]",
                         hint=f"is this {variant.file_name} at size {variant.size}?")
     label_shape, label_dtype = npz.header(f"{split}_labels")
     columns = label_columns(variant)
     if label_dtype.kind not in "iub" or tuple(label_shape) != (shape[0], columns):
-        raise DataError(f"{npz.path}: {split}_labels is {label_dtype}{list(label_shape)}, expected integers [{shape[0]}, {columns}]")
+        raise DataError(f"{npz.path}: {split}_labels is {label_dtype}{list(label_shape)}, "
+                        f"expected integers [{shape[0]}, {columns}]")
     return int(shape[0])
 
 

@@ -7,12 +7,15 @@ Channels see the same anatomy with different contrasts, as MR sequences do.
 Settings go in the dataset argument: `--dataset phantoms3d:size=32,channels=2,count=256,classes=3`.
 """
 
+from dataclasses import dataclass, replace
+
 import numpy as np
 
 from medformer_core import hookimpl
 from medformer_core.data import DatasetInfo, DatasetOptions, ImageSplit
 from medformer_core.errors import UsageError
 from medformer_core.interfaces import DatasetFactory
+from medformer_core.options import parse_options, split_pairs
 
 SHAPES = ("ball", "box", "shell", "rod")
 SPLIT_FRACTIONS = {"train": 1.0, "val": 0.25, "test": 0.25}
@@ -65,23 +68,31 @@ def _one_phantom(grid: np.ndarray, label: int, channels: int, rng: np.random.Gen
     return (np.clip(image, 0.0, 1.0) * 255).astype(np.uint8)
 
 
-def parse_settings(argument: str | None, defaults: dict[str, int], dataset: str) -> dict[str, int]:
-    """Parse `key=value,key=value` into integers, checking names and ranges."""
-    settings = dict(defaults)
-    for item in filter(None, (argument or "").split(",")):
-        key, _, value = item.partition("=")
-        key = key.strip()
-        if key not in defaults or not value.strip().isdigit():
-            raise UsageError(
-                f"dataset '{dataset}': bad setting '{item}'",
-                hint=f"use key=value with integer values; keys: {', '.join(defaults)}",
-            )
-        settings[key] = int(value)
-    if not 1 <= settings["classes"] <= len(SHAPES):
-        raise UsageError(f"dataset '{dataset}': classes must be 1 to {len(SHAPES)}, got {settings['classes']}")
-    if settings["size"] < 4 or settings["channels"] < 1 or settings["count"] < 1:
-        raise UsageError(f"dataset '{dataset}': size must be >= 4, channels and count >= 1", hint=f"got {settings}")
-    return settings
+@dataclass(frozen=True)
+class PhantomSettings:
+    """What the dataset argument sets; a registration's defaults replace these."""
+
+    size: int = 28
+    channels: int = 1
+    count: int = 1024
+    classes: int = 4
+
+    def __post_init__(self):
+        if not 1 <= self.classes <= len(SHAPES):
+            raise ValueError(f"classes must be 1 to {len(SHAPES)}, got {self.classes}")
+        if self.size < 4 or self.channels < 1 or self.count < 1:
+            raise ValueError(f"size must be >= 4, channels and count >= 1, got size {self.size}, "
+                             f"channels {self.channels}, count {self.count}")
+
+
+def parse_settings(argument: str | None, defaults: dict[str, int], dataset: str) -> PhantomSettings:
+    """Parse `key=value,key=value` over `defaults`, checking names, types and ranges."""
+    what = f"dataset '{dataset}'"
+    given = parse_options(PhantomSettings, split_pairs(argument, what, f"{dataset}:size=32,count=256"), what)
+    try:
+        return PhantomSettings(**{**defaults, **given})
+    except ValueError as exc:
+        raise UsageError(f"{what}: {exc}") from None
 
 
 class Phantoms(DatasetFactory):
@@ -103,29 +114,27 @@ class Phantoms(DatasetFactory):
         copy.name = name
         return copy
 
-    def _settings(self, options: DatasetOptions) -> dict[str, int]:
+    def _settings(self, options: DatasetOptions) -> PhantomSettings:
         settings = parse_settings(options.argument, self.defaults, self.name)
-        if options.size is not None:
-            settings["size"] = options.size
-        return settings
+        return settings if options.size is None else replace(settings, size=options.size)
 
     def info(self, options: DatasetOptions) -> DatasetInfo:
         s = self._settings(options)
         return DatasetInfo(
             name=self.name,
             spatial_dims=self.dims,
-            channels=s["channels"],
-            size=(s["size"],) * self.dims,
+            channels=s.channels,
+            size=(s.size,) * self.dims,
             task="multi-class",
-            labels={i: SHAPES[i] for i in range(s["classes"])},
-            split_sizes={split: max(1, int(s["count"] * f)) for split, f in SPLIT_FRACTIONS.items()},
+            labels={i: SHAPES[i] for i in range(s.classes)},
+            split_sizes={split: max(1, int(s.count * f)) for split, f in SPLIT_FRACTIONS.items()},
         )
 
     def build(self, split: str, options: DatasetOptions) -> ImageSplit:
         s = self._settings(options)
         info = self.info(options)
         images, labels = generate_phantoms(
-            info.split_sizes[split], s["size"], self.dims, s["channels"], s["classes"],
+            info.split_sizes[split], s.size, self.dims, s.channels, s.classes,
             seed=options.seed + SPLIT_SEED_OFFSETS[split],
         )
         return ImageSplit(info, images, labels if options.labeled else None)

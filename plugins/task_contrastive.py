@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from medformer_core import hookimpl
-from medformer_core.interfaces import OutputSpec, PretextTask, TaskResult, View
+from medformer_core.interfaces import OutputSpec, PretextTask, TaskResult, View, classification_result
 
 
 @dataclass(frozen=True)
@@ -26,16 +26,16 @@ class ContrastiveOptions:
             raise ValueError(f"projection_dim must be >= 1, got {self.projection_dim}")
 
 
-def nt_xent(embeddings: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """embeddings [2B, D], rows i and i + B the two views of sample i -> (loss, top-1 accuracy)."""
+def nt_xent(embeddings: torch.Tensor, temperature: float) -> TaskResult:
+    """embeddings [2B, D], rows i and i + B the two views of sample i -> the loss, with the top-1
+    accuracy of finding each row's partner."""
     n = embeddings.shape[0] // 2
     z = F.normalize(embeddings, dim=1)
     similarity = z @ z.t() / temperature  # [2B, 2B]
     self_pairs = torch.eye(2 * n, dtype=torch.bool, device=z.device)
     similarity = similarity.masked_fill(self_pairs, float("-inf"))
     partners = torch.arange(2 * n, device=z.device).roll(n)
-    accuracy = (similarity.argmax(dim=1) == partners).float().mean()
-    return F.cross_entropy(similarity, partners), accuracy
+    return classification_result(similarity, partners)
 
 
 class Contrastive(PretextTask):
@@ -66,8 +66,7 @@ class Contrastive(PretextTask):
         return View(torch.cat([augment(image, generator), augment(image, generator)]))  # [2B, C, *S]
 
     def loss(self, ctx, prediction, view):
-        loss, accuracy = nt_xent(prediction, self.options.temperature)
-        return TaskResult(loss, {"accuracy": accuracy.item()})
+        return nt_xent(prediction, self.options.temperature)
 
 
 @hookimpl

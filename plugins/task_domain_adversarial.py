@@ -12,10 +12,9 @@ run; the domains are the run's dataset names in sorted order.
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from medformer_core import hookimpl
-from medformer_core.interfaces import OutputSpec, PretextTask, TaskResult
+from medformer_core.interfaces import OutputSpec, PretextTask, classification_result
 
 
 @dataclass(frozen=True)
@@ -68,8 +67,7 @@ class DomainAdversarial(PretextTask):
         latents = reverse_gradient(ctx.encode(image), self.options.coefficient)
         logits = ctx.decode(latents)  # [B, domains]
         domain = torch.full((image.shape[0],), domains(ctx.run).index(ctx.info.name), device=image.device)
-        accuracy = (logits.argmax(dim=1) == domain).float().mean()
-        return TaskResult(F.cross_entropy(logits, domain), {"accuracy": accuracy.item()})
+        return classification_result(logits, domain)
 
 
 @hookimpl

@@ -16,12 +16,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from medformer_core import hookimpl
 from medformer_core.draws import integers
-from medformer_core.interfaces import OutputSpec, PretextTask, TaskResult, View
-from medformer_core.patches import patchify, unpatchify
+from medformer_core.interfaces import OutputSpec, PretextTask, View, classification_result
+from medformer_core.patches import map_tiles
 
 GRIDS = {2: (3, 3), 3: (2, 2, 2)}
 PERMUTATION_SEED = 0
@@ -56,13 +55,7 @@ def maximal_hamming_permutations(tiles: int, count: int, seed: int = PERMUTATION
 def shuffle_tiles(x: torch.Tensor, perms: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
     """x [B, C, *S], perms [B, T] (T = prod(grid)) -> x with its tiles rearranged per sample."""
     tile = tuple(s // g for s, g in zip(x.shape[2:], grid))
-    covered = tuple(t * g for t, g in zip(tile, grid))
-    region = (slice(None), slice(None)) + tuple(slice(0, c) for c in covered)
-    tiles = patchify(x[region], tile)  # [B, T, C * prod(tile)], row-major over the grid
-    moved = torch.gather(tiles, 1, perms[..., None].expand(-1, -1, tiles.shape[-1]))
-    out = x.clone()
-    out[region] = unpatchify(moved, tile, x.shape[1], covered)
-    return out
+    return map_tiles(x, tile, lambda tiles: torch.gather(tiles, 1, perms[..., None].expand(-1, -1, tiles.shape[-1])))
 
 
 class Jigsaw(PretextTask):
@@ -94,8 +87,7 @@ class Jigsaw(PretextTask):
         return View(shuffle_tiles(image, perms, GRIDS[dims]), target=classes)
 
     def loss(self, ctx, prediction, view):
-        accuracy = (prediction.argmax(dim=1) == view.target).float().mean()
-        return TaskResult(F.cross_entropy(prediction, view.target), {"accuracy": accuracy.item()})
+        return classification_result(prediction, view.target)
 
 
 @hookimpl

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from medformer_core import hookimpl
+from medformer_core.context import TaskContext
 from medformer_core.draws import uniform
 from medformer_core.interfaces import OutputSpec, PretextTask, TaskResult
 
@@ -63,22 +64,23 @@ class MaskedAutoencoder(PretextTask):
     def output_spec(self, info, run):
         return OutputSpec("dense", queries="patches")
 
-    def forward_encoder(self, ctx, image: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    def forward_encoder(self, ctx: TaskContext, image: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """image [B, C, *S], keep [B, n_keep] -> latents [B, M, E] from the visible patches."""
         return ctx.encode(image, keep=keep)
 
-    def forward_decoder(self, ctx, latents: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    def forward_decoder(self, ctx: TaskContext, latents: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
         """latents [B, M, E], masked [B, n_mask] -> predicted patches [B, n_mask, C * prod(patch)]."""
         return ctx.decode(latents, masked)
 
-    def forward_loss(self, ctx, image: torch.Tensor, prediction: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    def forward_loss(self, ctx: TaskContext, image: torch.Tensor, prediction: torch.Tensor,
+                     masked: torch.Tensor) -> torch.Tensor:
         """Mean squared error of `prediction` [B, n_mask, P] on the masked patches of image [B, C, *S]."""
         target = gather_patches(ctx.patchify(image), masked)
         if self.options.norm_pix_loss:
             target = normalise(target)[0]
         return (prediction - target).pow(2).mean()
 
-    def reconstruct_pixels(self, ctx, image: torch.Tensor, prediction: torch.Tensor,
+    def reconstruct_pixels(self, ctx: TaskContext, image: torch.Tensor, prediction: torch.Tensor,
                            masked: torch.Tensor) -> torch.Tensor:
         """prediction [B, n_mask, P] -> pixel values of the masked patches (undoing normalisation
         with the true patch statistics, as MAE's visualisation does)."""

@@ -20,9 +20,10 @@ from dataclasses import dataclass
 import torch
 
 from medformer_core import hookimpl
+from medformer_core.context import TaskContext
 from medformer_core.draws import integers, permutations, uniform
 from medformer_core.interfaces import OutputSpec, PretextTask, TaskResult, View
-from medformer_core.patches import patchify, unpatchify
+from medformer_core.patches import map_tiles
 
 CURVE_POINTS = 256
 MAX_BOXES = 5
@@ -51,19 +52,16 @@ def local_pixel_shuffle(x: torch.Tensor, fraction: float, generator: torch.Gener
     """x [B, C, *S] -> x with `fraction` of its small blocks shuffled inside (all channels alike)."""
     b, c = x.shape[:2]
     block = tuple(max(2, s // 8) for s in x.shape[2:])
-    grid = tuple(s // k for s, k in zip(x.shape[2:], block))
-    covered = tuple(g * k for g, k in zip(grid, block))
-    region = (slice(None), slice(None)) + tuple(slice(0, n) for n in covered)
-    tiles = patchify(x[region], block)  # [B, T, C * P] with P = prod(block)
-    t, p = tiles.shape[1], math.prod(block)
-    pixels = tiles.reshape(b, t, c, p)
-    order = permutations(b * t, p, generator, x.device).reshape(b, t, 1, p).expand(-1, -1, c, -1)
-    shuffled = torch.gather(pixels, 3, order)
-    chosen = uniform((b, t), generator, x.device) < fraction
-    pixels = torch.where(chosen[..., None, None], shuffled, pixels)
-    out = x.clone()
-    out[region] = unpatchify(pixels.reshape(b, t, c * p), block, c, covered)
-    return out
+    p = math.prod(block)
+
+    def shuffle(tiles: torch.Tensor) -> torch.Tensor:  # [B, T, C * P]
+        t = tiles.shape[1]
+        pixels = tiles.reshape(b, t, c, p)
+        order = permutations(b * t, p, generator, x.device).reshape(b, t, 1, p).expand(-1, -1, c, -1)
+        chosen = uniform((b, t), generator, x.device) < fraction
+        return torch.where(chosen[..., None, None], torch.gather(pixels, 3, order), pixels).reshape(tiles.shape)
+
+    return map_tiles(x, block, shuffle)
 
 
 def bezier_curves(batch: int, generator: torch.Generator, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,7 +143,7 @@ class Restoration(PretextTask):
         image = batch["image"]  # [B, C, *S]
         return View(genesis_corrupt(image, self.options, generator), target=image)
 
-    def restore(self, ctx, corrupted: torch.Tensor) -> torch.Tensor:
+    def restore(self, ctx: TaskContext, corrupted: torch.Tensor) -> torch.Tensor:
         """corrupted [B, C, *S] -> the restored image [B, C, *S]."""
         return ctx.unpatchify(ctx.decode(ctx.encode(corrupted)), corrupted)
 

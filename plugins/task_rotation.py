@@ -12,11 +12,10 @@ Rotations keep the shape only for square images and cubic volumes, so the task a
 import itertools
 
 import torch
-import torch.nn.functional as F
 
 from medformer_core import hookimpl
 from medformer_core.draws import integers
-from medformer_core.interfaces import OutputSpec, PretextTask, TaskResult, View
+from medformer_core.interfaces import OutputSpec, PretextTask, View, classification_result
 
 
 def _is_proper(perm: tuple[int, ...], signs: tuple[int, ...]) -> bool:
@@ -80,9 +79,7 @@ class Rotation(PretextTask):
         return View(rotate(image, classes), target=classes)
 
     def loss(self, ctx, prediction, view):
-        logits = prediction  # [B, classes]
-        accuracy = (logits.argmax(dim=1) == view.target).float().mean()
-        return TaskResult(F.cross_entropy(logits, view.target), {"accuracy": accuracy.item()})
+        return classification_result(prediction, view.target)  # prediction [B, classes]
 
 
 @hookimpl

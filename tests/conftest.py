@@ -1,15 +1,26 @@
-"""Shared test set-up: no installed third-party plugin may leak into the suite."""
+"""Shared test set-up: no installed third-party plugin may leak into the suite; tiny models and
+phantom batches; tiny MedMNIST-layout files and the real shared MedMNIST files."""
 
 import os
 from pathlib import Path
 
 os.environ["MEDFORMER_LOAD_PLUGINS"] = "none"
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from medformer_core import plugins  # noqa: E402
+from medformer_core.builders import build_model  # noqa: E402
+from medformer_core.data import DatasetInfo, DatasetOptions  # noqa: E402
+from medformer_core.interfaces import PretextTask  # noqa: E402
+from medformer_core.multitask import MultitaskModel  # noqa: E402
+from medformer_plugins.medmnist_files import SPLITS, Variant, label_columns, sample_shape  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+TINY = dict(embed_dim=32, depth=1, heads=2, latents=8, mlp_ratio=2.0)
+PHANTOM_SIZES = {2: 12, 3: 8}
+MEDMNIST_COUNTS = {"train": 12, "val": 4, "test": 4}
 
 
 @pytest.fixture
@@ -33,3 +44,102 @@ def run_cli(capsys):
         return (0 if code is None else code), captured.out, captured.err
 
     return run
+
+
+# -- phantoms and tiny models ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def phantom_info():
+    """phantom_info(spatial_dims, size=None, channels=1, count=16): the DatasetInfo of phantoms{2,3}d."""
+
+    def info(spatial_dims: int, size: int | None = None, channels: int = 1, count: int = 16) -> DatasetInfo:
+        size = size or PHANTOM_SIZES[spatial_dims]
+        options = DatasetOptions(argument=f"size={size},channels={channels},count={count}")
+        return plugins.registries().datasets.get(f"phantoms{spatial_dims}d").info(options)
+
+    return info
+
+
+@pytest.fixture(scope="session")
+def phantom_batch():
+    """phantom_batch(info, count=4, start=0, seed=0): a batch of the phantoms `info` describes, built
+    like the real train split."""
+
+    def batch(info: DatasetInfo, count: int = 4, start: int = 0, seed: int = 0) -> dict:
+        argument = f"size={info.size[0]},channels={info.channels},count={max(count + start, 16)}"
+        split = plugins.registries().datasets.get(f"phantoms{info.spatial_dims}d").build(
+            "train", DatasetOptions(argument=argument, seed=seed))
+        return split.batch(range(start, start + count))
+
+    return batch
+
+
+@pytest.fixture(scope="session")
+def tiny_model(phantom_info):
+    """tiny_model(tasks, datasets=None, seed=0, **overrides): a seeded tiny multitask model, by
+    default on 2D and 3D phantoms."""
+
+    def model(tasks: list[PretextTask], datasets: list[DatasetInfo] | None = None, seed: int = 0,
+              **overrides) -> MultitaskModel:
+        torch.manual_seed(seed)
+        datasets = datasets or [phantom_info(2), phantom_info(3)]
+        return build_model("tiny", datasets, tasks, **{**TINY, **overrides})
+
+    return model
+
+
+# -- MedMNIST files ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def real_root() -> Path:
+    """The folder of the shared real MedMNIST files; skips the test when they are absent."""
+    root = Path(os.environ.get("MEDFORMER_DATA_ROOT") or REPO_ROOT.parent / "shared" / "data" / "medmnist")
+    if not (root / "retinamnist.npz").is_file():
+        pytest.skip(f"real MedMNIST files not found in {root} "
+                    "(set MEDFORMER_DATA_ROOT to the folder of the official .npz files)")
+    return root
+
+
+@pytest.fixture(scope="session")
+def fake_arrays():
+    """fake_arrays(name, seed=0, counts=None): arrays in the official layout of registered `name`
+    (e.g. chestmnist, adrenalmnist3d_64), every class present."""
+
+    def arrays(name: str, seed: int = 0, counts: dict[str, int] | None = None) -> dict[str, np.ndarray]:
+        flag, _, size = name.partition("_")
+        variant = Variant(flag, int(size or 28))
+        rng = np.random.default_rng(seed)
+        found = {}
+        for split in SPLITS:
+            n = (counts or MEDMNIST_COUNTS)[split]
+            found[f"{split}_images"] = rng.integers(0, 256, (n,) + sample_shape(variant), dtype=np.uint8)
+            columns = label_columns(variant)
+            high = 2 if columns > 1 else len(variant.meta["label"])
+            labels = rng.integers(0, high, (n, columns))
+            labels[: min(n, high), 0] = np.arange(min(n, high))
+            found[f"{split}_labels"] = labels.astype(np.uint8)
+        return found
+
+    return arrays
+
+
+@pytest.fixture(scope="session")
+def write_npz(fake_arrays):
+    """write_npz(root, name, compressed=True, **changes): a tiny `name.npz` in `root`; `changes`
+    replace arrays, or drop them when None."""
+
+    def write(root: Path, name: str, compressed: bool = True, **changes) -> Path:
+        arrays = fake_arrays(name)
+        for key, value in changes.items():
+            if value is None:
+                arrays.pop(key)
+            else:
+                arrays[key] = value
+        root.mkdir(parents=True, exist_ok=True)
+        path = root / f"{name}.npz"
+        (np.savez_compressed if compressed else np.savez)(path, **arrays)
+        return path
+
+    return write

@@ -53,7 +53,8 @@ def test_rot90_is_an_exact_rotation_in_a_square_plane():
     planes = [(2, 3), (2, 4), (3, 4)]
     turns_seen = set()
     for i in range(32):
-        matches = [(k, p) for k in range(4) for p in planes if torch.allclose(y[i], x[i].rot90(k, (p[0] - 1, p[1] - 1)), atol=1e-6)]
+        matches = [(k, p) for k in range(4) for p in planes
+                   if torch.allclose(y[i], x[i].rot90(k, (p[0] - 1, p[1] - 1)), atol=1e-6)]
         assert matches, f"sample {i} is not a 90-degree rotation of its input"
         turns_seen.add(matches[0][0])
     assert len(turns_seen) > 1

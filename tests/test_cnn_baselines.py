@@ -3,16 +3,16 @@
 import json
 import math
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from datasets_fakes import REPO_ROOT, fake_arrays
 
 from medformer_core.data import DatasetInfo, stratified_subset
 from medformer_core.errors import UsageError
 
-sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from cnn_baselines import Classifier, learning_rate, train_resnet  # noqa: E402
 from resnet import ResNet18, resnet18_for  # noqa: E402
 
@@ -68,7 +68,7 @@ def test_losses_and_scores_per_task(task, labels):
         assert torch.allclose(scores.sum(dim=1), torch.ones(2))
 
 
-def test_train_resnet_writes_results_and_reuses_them(tmp_path):
+def test_train_resnet_writes_results_and_reuses_them(tmp_path, fake_arrays):
     data_root = tmp_path / "data"
     data_root.mkdir()
     arrays = fake_arrays("retinamnist", counts=COUNTS)

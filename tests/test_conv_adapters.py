@@ -90,7 +90,7 @@ def test_region_means_average_each_region_and_leave_empty_ones_at_zero():
 def test_each_latent_starts_from_its_own_region_of_the_image():
     torch.manual_seed(0)
     config = ModelConfig(embed_dim=32, depth=1, heads=2, latents=4, adapter2d="patch2d", latent_pool=True)
-    model = Medformer(config, [InputSpec(2, 1, (16, 16))], ["data"]).eval()
+    model = Medformer(config, [InputSpec(2, 1, (16, 16))], ["data"], registries().input_adapters).eval()
     x = torch.rand(1, 1, 16, 16)
     tokens = model.embed(x, "data")
     start = {}

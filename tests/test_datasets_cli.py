@@ -7,8 +7,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datasets_fakes import real_root, write_npz
-
 
 @pytest.fixture(autouse=True)
 def private_cache(tmp_path, monkeypatch):
@@ -30,7 +28,7 @@ def one_line_error(err: str) -> str:
     return lines[0]
 
 
-def test_list_json_reports_presence(run_cli, tmp_path):
+def test_list_json_reports_presence(run_cli, tmp_path, write_npz):
     write_npz(tmp_path, "retinamnist_64")
     code, out, _ = run_cli("datasets", "list", "--json", "--data-root", str(tmp_path))
     assert code == 0
@@ -69,14 +67,15 @@ def test_download_offline(run_cli, tmp_path, offline):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_download_md5_mismatch_and_override(run_cli, tmp_path):
+def test_download_md5_mismatch_and_override(run_cli, tmp_path, write_npz):
     mirror = tmp_path / "mirror"
     write_npz(mirror, "breastmnist")
     root = tmp_path / "root"
     code, _, err = run_cli("datasets", "download", "breastmnist", "--data-root", str(root), "--mirror", mirror.as_uri())
     assert code == 1 and "differs from" in one_line_error(err) and "--ignore-md5" in err
     assert not (root / "breastmnist.npz").exists()
-    code, out, _ = run_cli("datasets", "download", "breastmnist", "--data-root", str(root), "--mirror", mirror.as_uri(), "--ignore-md5")
+    code, out, _ = run_cli("datasets", "download", "breastmnist", "--data-root", str(root), "--mirror", mirror.as_uri(),
+                           "--ignore-md5")
     assert code == 0 and (root / "breastmnist.npz").read_bytes() == (mirror / "breastmnist.npz").read_bytes()
 
 
@@ -91,7 +90,7 @@ def test_download_bad_names(run_cli, tmp_path, args, message):
     assert code == 2 and message in one_line_error(err)
 
 
-def test_verify_layout_and_md5(run_cli, tmp_path):
+def test_verify_layout_and_md5(run_cli, tmp_path, write_npz):
     write_npz(tmp_path, "retinamnist")
     write_npz(tmp_path, "adrenalmnist3d_64", train_images=np.zeros((12, 64, 64, 64), np.uint8))
     code, out, _ = run_cli("datasets", "verify", "--no-md5", "--data-root", str(tmp_path))
@@ -100,7 +99,7 @@ def test_verify_layout_and_md5(run_cli, tmp_path):
     assert code == 1 and "FAIL" in err and "MD5" in err and "1 of 1 file(s) failed verification" in err
 
 
-def test_verify_reports_each_broken_file(run_cli, tmp_path):
+def test_verify_reports_each_broken_file(run_cli, tmp_path, write_npz):
     write_npz(tmp_path, "retinamnist", val_labels=np.full((4, 1), 9, np.uint8))
     write_npz(tmp_path, "bloodmnist")
     (tmp_path / "pathmnist.npz").write_bytes(b"PK\x03\x04 truncated")
@@ -119,16 +118,17 @@ def test_verify_missing(run_cli, tmp_path):
     assert "medformer datasets download dermamnist --size 128" in err
 
 
-def test_verify_real_files(run_cli):
-    code, out, _ = run_cli("datasets", "verify", "--data-root", str(real_root()))
+def test_verify_real_files(run_cli, real_root):
+    code, out, _ = run_cli("datasets", "verify", "--data-root", str(real_root))
     assert code == 0 and out.count("MD5 and layout") == 3
 
 
 @pytest.mark.parametrize("name, tile_rows", [("retinamnist", 1), ("adrenalmnist3d", 1), ("chestmnist", 1)])
-def test_preview(run_cli, tmp_path, name, tile_rows):
+def test_preview(run_cli, tmp_path, name, tile_rows, write_npz):
     write_npz(tmp_path, name)
     out_file = tmp_path / "out" / "preview.png"
-    code, out, _ = run_cli("datasets", "preview", name, "--out", str(out_file), "--count", "4", "--data-root", str(tmp_path))
+    code, out, _ = run_cli("datasets", "preview", name, "--out", str(out_file), "--count", "4",
+                           "--data-root", str(tmp_path))
     assert code == 0 and f"wrote {out_file}: 4 samples of {name}/train" in out
     picture = Image.open(out_file)
     width_per_sample = 3 if name.endswith("3d") else 1
@@ -136,36 +136,43 @@ def test_preview(run_cli, tmp_path, name, tile_rows):
     assert np.asarray(picture).std() > 10  # not blank
 
 
-def test_preview_real_volume(run_cli, tmp_path):
+def test_preview_real_volume(run_cli, tmp_path, real_root):
     out_file = tmp_path / "adrenal.png"
-    code, out, _ = run_cli("datasets", "preview", "adrenalmnist3d", "--out", str(out_file), "--data-root", str(real_root()))
+    code, out, _ = run_cli("datasets", "preview", "adrenalmnist3d", "--out", str(out_file),
+                           "--data-root", str(real_root))
     assert code == 0 and ("normal" in out or "hyperplasia" in out) and out_file.stat().st_size > 1000
 
 
 def test_preview_bad_output_and_missing_file(run_cli, tmp_path):
-    code, _, err = run_cli("datasets", "preview", "retinamnist", "--out", str(tmp_path / "x.jpg"), "--data-root", str(tmp_path))
+    code, _, err = run_cli("datasets", "preview", "retinamnist", "--out", str(tmp_path / "x.jpg"),
+                           "--data-root", str(tmp_path))
     assert code == 2 and "--out must name a .png file" in one_line_error(err)
-    code, _, err = run_cli("datasets", "preview", "retinamnist", "--out", str(tmp_path / "x.png"), "--data-root", str(tmp_path))
+    code, _, err = run_cli("datasets", "preview", "retinamnist", "--out", str(tmp_path / "x.png"),
+                           "--data-root", str(tmp_path))
     line = one_line_error(err)
-    assert code == 1 and str(tmp_path / "retinamnist.npz") in line and "medformer datasets download retinamnist --size 28" in line
+    assert code == 1 and str(tmp_path / "retinamnist.npz") in line
+    assert "medformer datasets download retinamnist --size 28" in line
 
 
-BAD = [
-    ("truncated", lambda p: p.write_bytes(p.read_bytes()[:5000]), "retinamnist.npz: not a readable .npz archive"),
-    ("missing keys", lambda p: np.savez(p, train_images=np.zeros((2, 28, 28, 3), np.uint8)), "retinamnist.npz: missing key(s) train_labels"),
-    ("wrong shape", lambda p: write_npz(p.parent, "retinamnist", train_images=np.zeros((12, 28, 28), np.uint8)),
+BAD = [  # (case, damage(path, write_npz), message)
+    ("truncated", lambda p, write: p.write_bytes(p.read_bytes()[:5000]),
+     "retinamnist.npz: not a readable .npz archive"),
+    ("missing keys", lambda p, write: np.savez(p, train_images=np.zeros((2, 28, 28, 3), np.uint8)),
+     "retinamnist.npz: missing key(s) train_labels"),
+    ("wrong shape", lambda p, write: write(p.parent, "retinamnist", train_images=np.zeros((12, 28, 28), np.uint8)),
      "retinamnist.npz: train_images is uint8[12, 28, 28], expected uint8[N, 28, 28, 3]"),
-    ("wrong dtype", lambda p: write_npz(p.parent, "retinamnist", train_labels=np.zeros((12, 1), np.float64)),
+    ("wrong dtype", lambda p, write: write(p.parent, "retinamnist", train_labels=np.zeros((12, 1), np.float64)),
      "retinamnist.npz: train_labels is float64[12, 1], expected integers [12, 1]"),
-    ("label range", lambda p: write_npz(p.parent, "retinamnist", train_labels=np.full((12, 1), 7, np.int64)),
+    ("label range", lambda p, write: write(p.parent, "retinamnist", train_labels=np.full((12, 1), 7, np.int64)),
      "retinamnist.npz: train_labels holds 7 at row 0; ordinal-regression labels must be in 0..4"),
 ]
 
 
 @pytest.mark.parametrize("case, damage, message", BAD, ids=[b[0] for b in BAD])
-def test_bad_files_through_the_cli(run_cli, tmp_path, case, damage, message):
-    damage(write_npz(tmp_path, "retinamnist"))
-    code, _, err = run_cli("datasets", "preview", "retinamnist", "--out", str(tmp_path / "p.png"), "--data-root", str(tmp_path))
+def test_bad_files_through_the_cli(run_cli, tmp_path, case, damage, message, write_npz):
+    damage(write_npz(tmp_path, "retinamnist"), write_npz)
+    code, _, err = run_cli("datasets", "preview", "retinamnist", "--out", str(tmp_path / "p.png"),
+                           "--data-root", str(tmp_path))
     assert code == 1 and message in one_line_error(err)
     assert not (tmp_path / "p.png").exists()
 
@@ -184,7 +191,8 @@ def test_folder_info_and_preview(run_cli, tmp_path):
     code, out, _ = run_cli("datasets", "info", str(tmp_path / "scans"))
     assert code == 0 and "folder:scans" in out and "1 channel(s) x 128x128 (2D)" in out
     png = tmp_path / "p.png"
-    code, out, _ = run_cli("datasets", "preview", f"folder:{tmp_path / 'scans'},size=32,val=0,test=0", "--out", str(png))
+    code, out, _ = run_cli("datasets", "preview", f"folder:{tmp_path / 'scans'},size=32,val=0,test=0",
+                           "--out", str(png))
     assert code == 0 and "3 samples of folder:scans/train (unlabeled" in out and png.is_file()
 
 
@@ -208,13 +216,13 @@ def test_folder_missing_extra_through_the_cli(run_cli, tmp_path, monkeypatch):
     assert code == 1 and "pydicom is not installed (pip install 'medformer[dicom]')" in one_line_error(err)
 
 
-def test_download_all_continues_past_failures(run_cli, tmp_path):
+def test_download_all_continues_past_failures(run_cli, tmp_path, write_npz):
     mirror = tmp_path / "mirror"
     write_npz(mirror, "breastmnist_128")
     write_npz(mirror, "retinamnist_128")
     root = tmp_path / "root"
-    code, out, err = run_cli("datasets", "download", "all", "--size", "128", "--ignore-md5", "--mirror", mirror.as_uri(),
-                             "--data-root", str(root))
+    code, out, err = run_cli("datasets", "download", "all", "--size", "128", "--ignore-md5",
+                             "--mirror", mirror.as_uri(), "--data-root", str(root))
     assert code == 1 and "10 of 12 download(s) failed" in err  # only the 12 2D sets come in 128; 2 are mirrored
     assert sorted(p.name for p in root.iterdir()) == ["breastmnist_128.npz", "retinamnist_128.npz"]
     assert "FAIL pathmnist_128: cannot download file://" in err.replace("\n", "")

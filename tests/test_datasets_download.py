@@ -6,7 +6,6 @@ import urllib.error
 
 import pytest
 
-from datasets_fakes import real_root
 from medformer_core.errors import DataError
 from medformer_plugins.medmnist_download import download, source_url
 from medformer_plugins.medmnist_files import Variant
@@ -59,7 +58,8 @@ def test_downloads_atomically_and_skips_a_good_file(tmp_path, known_md5):
 
 
 def test_md5_mismatch_saves_nothing_unless_overridden(tmp_path, known_md5):
-    with pytest.raises(DataError, match=r"downloaded MD5 \w+ differs from \w+ \(medmnist.INFO\); nothing was saved \(.*--ignore-md5"):
+    message = r"downloaded MD5 \w+ differs from \w+ \(medmnist.INFO\); nothing was saved \(.*--ignore-md5"
+    with pytest.raises(DataError, match=message):
         download(VARIANT, tmp_path, opener=opener_for(Response(b"tampered")))
     assert leftovers(tmp_path) == []
     path, fetched = download(VARIANT, tmp_path, ignore_md5=True, opener=opener_for(Response(b"tampered")))
@@ -70,7 +70,9 @@ def test_offline_fails_cleanly(tmp_path, known_md5):
     def offline(url, timeout):
         raise urllib.error.URLError(OSError(-3, "Temporary failure in name resolution"))
 
-    with pytest.raises(DataError, match=r"cannot download https://zenodo.org/.*breastmnist_64.npz.*: Temporary failure in name resolution \(check the network"):
+    message = (r"cannot download https://zenodo.org/.*breastmnist_64.npz.*: Temporary failure in name resolution "
+               r"\(check the network")
+    with pytest.raises(DataError, match=message):
         download(VARIANT, tmp_path, opener=offline)
     assert leftovers(tmp_path) == []
 
@@ -97,8 +99,7 @@ def test_mirror_url(monkeypatch):
     assert source_url(VARIANT) == "https://mirror.example/mm/breastmnist_64.npz"
 
 
-def test_real_file_through_a_file_url(tmp_path):
-    root = real_root()
-    path, fetched = download(Variant("retinamnist", 28), tmp_path, mirror=root.as_uri())
-    assert fetched and path.read_bytes() == (root / "retinamnist.npz").read_bytes()
+def test_real_file_through_a_file_url(tmp_path, real_root):
+    path, fetched = download(Variant("retinamnist", 28), tmp_path, mirror=real_root.as_uri())
+    assert fetched and path.read_bytes() == (real_root / "retinamnist.npz").read_bytes()
     assert leftovers(tmp_path) == ["retinamnist.npz"]

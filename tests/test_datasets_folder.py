@@ -254,7 +254,8 @@ def test_unreadable_files_are_skipped_with_one_warning(tmp_path, caplog):
     assert len(records) == 1, [r.getMessage() for r in records]
     message = records[0].getMessage()
     assert "skipped 4 file(s)" in message
-    for name in ("junk.dcm (not a readable DICOM image", "MR_truncated.dcm", "cut.png", "movie.mp4 (unsupported file type)"):
+    for name in ("junk.dcm (not a readable DICOM image", "MR_truncated.dcm", "cut.png",
+                 "movie.mp4 (unsupported file type)"):
         assert name in message
     assert "notes.txt" not in message
 
@@ -266,7 +267,9 @@ def test_empty_or_unreadable_folders_are_errors(tmp_path):
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "a.dcm").write_bytes(b"garbage")
     (tmp_path / "junk" / "b.xyz").write_bytes(b"garbage")
-    with pytest.raises(DataError, match=r"no images or volumes found in .*junk; 2 file\(s\) skipped: a.dcm \(not a readable DICOM image.*b.xyz \(unsupported file type\)"):
+    message = (r"no images or volumes found in .*junk; 2 file\(s\) skipped: a.dcm \(not a readable DICOM image"
+               r".*b.xyz \(unsupported file type\)")
+    with pytest.raises(DataError, match=message):
         build(f"folder:{tmp_path / 'junk'}")
     copy("MR_truncated.dcm", DICOM, tmp_path / "broken")
     with pytest.raises(DataError, match=r"broken: none of the 1 train sample\(s\) could be read"):
@@ -290,18 +293,19 @@ def test_missing_or_wrong_paths(tmp_path):
 def test_missing_optional_reader_names_the_extra(tmp_path, monkeypatch, module, extra, make):
     make(tmp_path)
     monkeypatch.setitem(sys.modules, module, None)  # import fails as if not installed
-    with pytest.raises(MedformerError, match=rf"holds 1 .* file\(s\), but {module} is not installed \(pip install 'medformer\[{extra}\]'\)"):
+    message = rf"holds 1 .* file\(s\), but {module} is not installed \(pip install 'medformer\[{extra}\]'\)"
+    with pytest.raises(MedformerError, match=message):
         build(f"folder:{tmp_path}")
 
 
 @pytest.mark.parametrize("setting, message", [
     ("fit=squash", "fit must be one of pad, crop, stretch, got 'squash'"),
-    ("window=400", "expected A:B, got '400'"),
+    ("window=400", "window must be A:B, each a number, got '400'"),
     ("window=40:0", "window width must be > 0"),
     ("percentiles=99:1", "percentiles must satisfy"),
     ("size=2", "size must be >= 4"),
     ("val=0.6,test=0.5", "val + test must be in [0, 1)"),
-    ("channels=many", "channels must be auto or a number"),
+    ("channels=many", "channels must be auto or an integer, got 'many'"),
     ("slices=oblique", "slices must be one of none, axial, coronal, sagittal"),
 ])
 def test_bad_settings(tmp_path, setting, message):
@@ -313,7 +317,7 @@ def test_bad_settings(tmp_path, setting, message):
 
 def test_unknown_setting_and_bad_labels_files(tmp_path):
     _pictures(tmp_path, ["a.png"])
-    with pytest.raises(UsageError, match="unknown setting 'colour=1'"):
+    with pytest.raises(UsageError, match="unknown setting 'colour'"):
         build(f"folder:{tmp_path},colour=1")
     with pytest.raises(UsageError, match=r"labels file .*missing.csv not found"):
         build(f"folder:{tmp_path},labels=missing.csv")

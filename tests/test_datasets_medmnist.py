@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import torch
 
-from datasets_fakes import fake_arrays, real_root, write_npz
 from medformer_core.augment import Augment
 from medformer_core.data import DatasetOptions
 from medformer_core.datasets import resolve_dataset
@@ -31,7 +30,8 @@ def test_every_dataset_at_every_size_is_registered():
     for flag in flags:
         sizes = (28, 64) if flag.endswith("3d") else (28, 64, 128, 224)
         assert {Variant(flag, s).name for s in sizes} <= names
-    assert {"retinamnist", "retinamnist_64", "retinamnist_128", "retinamnist_224", "adrenalmnist3d", "adrenalmnist3d_64"} <= names
+    assert {"retinamnist", "retinamnist_64", "retinamnist_128", "retinamnist_224", "adrenalmnist3d",
+            "adrenalmnist3d_64"} <= names
     assert "adrenalmnist3d_128" not in names
     info = registries().datasets.get("chestmnist_224").info(DatasetOptions())
     assert (info.spatial_dims, info.channels, info.size, info.task) == (2, 1, (224, 224), "multi-label, binary-class")
@@ -39,7 +39,7 @@ def test_every_dataset_at_every_size_is_registered():
 
 
 @pytest.mark.parametrize("name", [v.name for v in all_variants()])
-def test_every_registered_medmnist_dataset_builds_and_augments(tmp_path, name):
+def test_every_registered_medmnist_dataset_builds_and_augments(tmp_path, name, fake_arrays):
     """timm-style: each of the 60 registered files, generated tiny, loads, batches and augments."""
     counts = {"train": 4, "val": 2, "test": 2}
     np.savez(tmp_path / f"{name}.npz", **fake_arrays(name, counts=counts))
@@ -60,7 +60,7 @@ def test_every_registered_medmnist_dataset_builds_and_augments(tmp_path, name):
     ("adrenalmnist3d", (1, 28, 28, 28), 1),  # volume
 ])
 @pytest.mark.parametrize("compressed", [True, False])
-def test_layout_and_labels(tmp_path, name, shape, columns, compressed):
+def test_layout_and_labels(tmp_path, name, shape, columns, compressed, fake_arrays, write_npz):
     write_npz(tmp_path, name, compressed=compressed)
     source = fake_arrays(name)
     split = build(name, tmp_path, "val")
@@ -75,13 +75,13 @@ def test_layout_and_labels(tmp_path, name, shape, columns, compressed):
     assert batch["label"].shape == (2, columns)
 
 
-def test_unlabeled_mode(tmp_path):
+def test_unlabeled_mode(tmp_path, write_npz):
     write_npz(tmp_path, "retinamnist")
     split = build("retinamnist", tmp_path, labeled=False)
     assert split.labels is None and "label" not in split.batch([0, 1])
 
 
-def test_label_fraction_is_stratified_and_seeded(tmp_path):
+def test_label_fraction_is_stratified_and_seeded(tmp_path, fake_arrays):
     counts = {"train": 400, "val": 4, "test": 4}
     path = tmp_path / "breastmnist.npz"
     arrays = fake_arrays("breastmnist", counts=counts)
@@ -93,14 +93,15 @@ def test_label_fraction_is_stratified_and_seeded(tmp_path):
     assert np.array_equal(part.index, build("breastmnist", tmp_path, label_fraction=0.1, seed=1).index)
     assert not np.array_equal(part.index, build("breastmnist", tmp_path, label_fraction=0.1, seed=2).index)
     np.testing.assert_array_equal(part.labels[:, 0], labels[part.index, 0])
-    np.testing.assert_allclose(part.batch([0])["image"][0, 0].numpy(), arrays["train_images"][part.index[0]] / 255.0, atol=1e-6)
+    np.testing.assert_allclose(part.batch([0])["image"][0, 0].numpy(), arrays["train_images"][part.index[0]] / 255.0,
+                               atol=1e-6)
     assert len(build("breastmnist", tmp_path, "val", label_fraction=0.1)) == 4  # only train is thinned
     assert len(build("breastmnist", tmp_path, labeled=False, label_fraction=0.1)) == 400  # self-supervision sees all
     with pytest.raises(UsageError, match="label fraction must be in"):
         build("breastmnist", tmp_path, label_fraction=0.0)
 
 
-def test_label_fraction_multi_label_keeps_rare_findings(tmp_path):
+def test_label_fraction_multi_label_keeps_rare_findings(tmp_path, write_npz):
     write_npz(tmp_path, "chestmnist", train_images=np.zeros((200, 28, 28), np.uint8),
               train_labels=(np.arange(200)[:, None] % np.arange(2, 16)[None, :] == 0).astype(np.uint8))
     part = build("chestmnist", tmp_path, label_fraction=0.2)
@@ -108,7 +109,7 @@ def test_label_fraction_multi_label_keeps_rare_findings(tmp_path):
     assert part.labels[:, 13].sum() >= 1  # the rarest finding survives
 
 
-def test_memory_mapping(tmp_path):
+def test_memory_mapping(tmp_path, write_npz):
     write_npz(tmp_path, "adrenalmnist3d", compressed=False)
     stored = build("adrenalmnist3d", tmp_path)
     assert isinstance(stored.images.base, np.memmap) or isinstance(stored.images, np.memmap)
@@ -129,7 +130,7 @@ def test_memory_mapping(tmp_path):
         build("adrenalmnist3d", tmp_path, extra={"mmap": "sometimes"})
 
 
-def test_wrong_size_and_split_are_usage_errors(tmp_path):
+def test_wrong_size_and_split_are_usage_errors(tmp_path, write_npz):
     write_npz(tmp_path, "retinamnist")
     with pytest.raises(UsageError, match="'retinamnist' is 28 voxels a side, not 64.*use dataset 'retinamnist_64'"):
         build("retinamnist", tmp_path, size=64)
@@ -151,36 +152,40 @@ def _corrupt_member(path):
     path.write_bytes(bytes(data))
 
 
-BAD_FILES = [
-    ("truncated", lambda root: _truncate(write_npz(root, "retinamnist")), r"retinamnist\.npz: not a readable \.npz archive"),
-    ("corrupt member", lambda root: _corrupt_member(write_npz(root, "retinamnist")), r"retinamnist\.npz: member train_images is unreadable"),
-    ("missing keys", lambda root: write_npz(root, "retinamnist", train_labels=None), r"retinamnist\.npz: missing key\(s\) train_labels"),
-    ("wrong shape", lambda root: write_npz(root, "retinamnist", train_images=np.zeros((12, 32, 32, 3), np.uint8)),
+BAD_FILES = [  # (case, make(write_npz, root), message)
+    ("truncated", lambda write, root: _truncate(write(root, "retinamnist")),
+     r"retinamnist\.npz: not a readable \.npz archive"),
+    ("corrupt member", lambda write, root: _corrupt_member(write(root, "retinamnist")),
+     r"retinamnist\.npz: member train_images is unreadable"),
+    ("missing keys", lambda write, root: write(root, "retinamnist", train_labels=None),
+     r"retinamnist\.npz: missing key\(s\) train_labels"),
+    ("wrong shape", lambda write, root: write(root, "retinamnist", train_images=np.zeros((12, 32, 32, 3), np.uint8)),
      r"retinamnist\.npz: train_images is uint8\[12, 32, 32, 3\], expected uint8\[N, 28, 28, 3\]"),
-    ("wrong dtype", lambda root: write_npz(root, "retinamnist", train_images=np.zeros((12, 28, 28, 3), np.float32)),
+    ("wrong dtype", lambda write, root: write(root, "retinamnist", train_images=np.zeros((12, 28, 28, 3), np.float32)),
      r"train_images is float32\[12, 28, 28, 3\], expected uint8"),
-    ("label shape", lambda root: write_npz(root, "retinamnist", train_labels=np.zeros((11, 1), np.uint8)),
+    ("label shape", lambda write, root: write(root, "retinamnist", train_labels=np.zeros((11, 1), np.uint8)),
      r"train_labels is uint8\[11, 1\], expected integers \[12, 1\]"),
-    ("label dtype", lambda root: write_npz(root, "retinamnist", train_labels=np.zeros((12, 1), np.float32)),
+    ("label dtype", lambda write, root: write(root, "retinamnist", train_labels=np.zeros((12, 1), np.float32)),
      r"train_labels is float32"),
-    ("label range", lambda root: write_npz(root, "retinamnist", train_labels=np.full((12, 1), 5, np.uint8)),
+    ("label range", lambda write, root: write(root, "retinamnist", train_labels=np.full((12, 1), 5, np.uint8)),
      r"train_labels holds 5 at row 0; ordinal-regression labels must be in 0\.\.4"),
 ]
 
 
 @pytest.mark.parametrize("case, make, message", BAD_FILES, ids=[c[0] for c in BAD_FILES])
-def test_bad_files_give_one_clear_error(tmp_path, case, make, message):
-    make(tmp_path)
+def test_bad_files_give_one_clear_error(tmp_path, case, make, message, write_npz):
+    make(write_npz, tmp_path)
     with pytest.raises(DataError, match=message) as info:
         build("retinamnist", tmp_path)
     assert "\n" not in str(info.value)
 
 
-def test_multi_label_values_must_be_binary(tmp_path):
+def test_multi_label_values_must_be_binary(tmp_path, write_npz):
     labels = np.zeros((12, 14), np.uint8)
     labels[3, 2] = 2
     write_npz(tmp_path, "chestmnist", train_labels=labels)
-    with pytest.raises(DataError, match=r"chestmnist\.npz: train_labels holds 2 at row 3; multi-label, binary-class labels must be in 0\.\.1"):
+    message = r"chestmnist\.npz: train_labels holds 2 at row 3; multi-label, binary-class labels must be in 0\.\.1"
+    with pytest.raises(DataError, match=message):
         build("chestmnist", tmp_path)
 
 
@@ -192,9 +197,10 @@ def test_missing_file_names_path_and_download_command(tmp_path):
     assert f"medformer datasets download retinamnist --size 64 --data-root {tmp_path}" in message
 
 
-def test_md5_mismatch_and_its_override(tmp_path):
+def test_md5_mismatch_and_its_override(tmp_path, write_npz):
     write_npz(tmp_path, "retinamnist")
-    with pytest.raises(DataError, match=r"retinamnist\.npz: MD5 \w+ differs from bd4c0672f1bba3e3a89f0e4e876791e4.*--force"):
+    message = r"retinamnist\.npz: MD5 \w+ differs from bd4c0672f1bba3e3a89f0e4e876791e4.*--force"
+    with pytest.raises(DataError, match=message):
         build("retinamnist", tmp_path, verify_md5=True)
     assert len(build("retinamnist", tmp_path, verify_md5=False)) == 12
 
@@ -202,20 +208,20 @@ def test_md5_mismatch_and_its_override(tmp_path):
 # -- the real files -------------------------------------------------------------------------------
 
 
-def test_real_retinamnist():
-    split = build("retinamnist", real_root(), verify_md5=True)
+def test_real_retinamnist(real_root):
+    split = build("retinamnist", real_root, verify_md5=True)
     assert split.images.shape == (1080, 3, 28, 28) and split.labels.shape == (1080, 1)
     assert set(np.unique(split.labels)) == {0, 1, 2, 3, 4}
-    test = build("retinamnist", real_root(), "test")
+    test = build("retinamnist", real_root, "test")
     assert len(test) == 400
     batch = split.batch(np.arange(0, 1080, 100))
     assert 0.0 <= float(batch["image"].min()) and float(batch["image"].max()) <= 1.0
-    part = build("retinamnist", real_root(), label_fraction=0.1, seed=0)
+    part = build("retinamnist", real_root, label_fraction=0.1, seed=0)
     assert 100 <= len(part) <= 115 and set(np.unique(part.labels)) == {0, 1, 2, 3, 4}
 
 
-def test_real_adrenal_volumes_memory_mapped():
-    split = build("adrenalmnist3d", real_root(), extra={"mmap": "always"})
+def test_real_adrenal_volumes_memory_mapped(real_root):
+    split = build("adrenalmnist3d", real_root, extra={"mmap": "always"})
     assert split.images.shape == (1188, 1, 28, 28, 28) and isinstance(split.images.base, np.memmap)
     assert set(np.unique(split.labels)) == {0, 1}
     volume = split.batch([0])["image"]
@@ -223,8 +229,8 @@ def test_real_adrenal_volumes_memory_mapped():
 
 
 @pytest.mark.parametrize("name", ["retinamnist", "adrenalmnist3d", "adrenalmnist3d_64"])
-def test_real_files_verify(name):
+def test_real_files_verify(name, real_root):
     flag, _, size = name.partition("_")
-    sizes = verify_file(Variant(flag, int(size or 28)), real_root() / f"{name}.npz")
+    sizes = verify_file(Variant(flag, int(size or 28)), real_root / f"{name}.npz")
     assert sizes == info_table()[flag]["n_samples"]
 

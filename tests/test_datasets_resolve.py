@@ -30,7 +30,8 @@ def test_split_reference(tmp_path):
 def test_resolve_name_with_argument_and_options(tmp_path):
     factory, options = resolve_dataset("phantoms2d:size=16,count=8", data_root=tmp_path, seed=3, labeled=False)
     assert factory.name == "phantoms2d"
-    assert (options.argument, options.data_root, options.seed, options.labeled) == ("size=16,count=8", tmp_path, 3, False)
+    got = (options.argument, options.data_root, options.seed, options.labeled)
+    assert got == ("size=16,count=8", tmp_path, 3, False)
     assert factory.info(options).size == (16, 16)
 
 

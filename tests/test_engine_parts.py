@@ -26,9 +26,8 @@ def test_command_line_overrides_the_file(tmp_path):
 
 def test_unknown_config_key_names_the_file_and_a_fix(tmp_path):
     (tmp_path / "run.toml").write_text("step = 7\n")
-    with pytest.raises(UsageError, match=r"run.toml: unknown key 'step'") as info:
+    with pytest.raises(UsageError, match=r"run.toml: unknown key 'step'; did you mean 'steps'"):
         load_config(tmp_path / "run.toml", {})
-    assert "steps" in info.value.hint
 
 
 def test_invalid_toml_and_values_are_usage_errors(tmp_path):

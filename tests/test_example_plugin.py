@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow  # pip install, then a fresh interpreter per command
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from medformer_core.builders import build_model
 from medformer_core.data import DatasetInfo
 from medformer_core.datasets import resolve_dataset
 from medformer_core.finetune import FinetuneConfig, Finetuner, WeightEMA, epoch_sampler, mixup, read_finetune_config
 from medformer_core.interfaces import View
 from medformer_core.model import ModelConfig
-from medformer_core.multitask import build_multitask_model
 from medformer_core.plugins import registries
 
 DATASET = "phantoms2d:size=16,count=40"  # train 40 (2 batches of 16, a tail of 8), val 10, test 10
@@ -34,7 +34,7 @@ def encoder(tmp_path_factory):
     factory, options = resolve_dataset(DATASET, labeled=True)
     info = factory.build("train", options).info
     config = ModelConfig(embed_dim=32, depth=1, heads=2, latents=8)
-    model = build_multitask_model(config, [info], [registries().tasks.get("supervised")])
+    model = build_model(config, [info], [registries().tasks.get("supervised")])
     return str(model.encoder.save_pretrained(tmp_path_factory.mktemp("encoder")))
 
 
@@ -117,6 +117,7 @@ main(sys.argv[1:])
 """
 
 
+@pytest.mark.slow
 def test_a_killed_finetune_resumes_to_the_same_results(tmp_path, run_cli, encoder, uninterrupted):
     run = tmp_path / "run"
     env = {**os.environ, "KILL_AT_STEP": "4", "OMP_NUM_THREADS": str(torch.get_num_threads())}

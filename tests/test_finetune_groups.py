@@ -2,11 +2,11 @@
 
 import pytest
 
+from medformer_core.builders import build_model
 from medformer_core.datasets import resolve_dataset
 from medformer_core.errors import UsageError
 from medformer_core.finetune import FinetuneConfig, layer_decay_groups
 from medformer_core.model import ModelConfig
-from medformer_core.multitask import build_multitask_model
 from medformer_core.plugins import registries
 
 
@@ -15,7 +15,7 @@ def model():
     factory, options = resolve_dataset("phantoms2d:size=16,count=8", labeled=True)
     info = factory.build("train", options).info
     config = ModelConfig(embed_dim=16, depth=2, heads=2, latents=4)
-    return build_multitask_model(config, [info], [registries().tasks.get("supervised")])
+    return build_model(config, [info], [registries().tasks.get("supervised")])
 
 
 def lr_by_name(model, groups) -> dict[str, float]:

@@ -9,15 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from datasets_fakes import fake_arrays
 from medformer_core.datasets import resolve_dataset
 from medformer_core.evaluation import medmnist_metrics
 from medformer_core.knn import KnnMonitor, encode_split, knn_scores
-from medformer_core.multitask import build_multitask_model
 from medformer_core.plots import plot_knn
 from medformer_core.plugins import registries
 
-TINY = dict(embed_dim=32, depth=1, heads=2, latents=8, mlp_ratio=2.0)
 TASK_SHAPES = [  # task type, K (classes or labels), label columns
     ("multi-class", 4, 1),
     ("binary-class", 2, 1),
@@ -104,22 +101,29 @@ def test_unlabeled_task_types_and_mismatched_labels_are_refused():
         knn_scores(features, labels, features, "multi-label, binary-class", 2)
 
 
-def fake_splits(tmp_path, name: str, train: int = 40, val: int = 24):
-    """Labeled train and val splits of a fake MedMNIST file `name` (every class in val)."""
-    np.savez(tmp_path / f"{name}.npz", **fake_arrays(name, counts={"train": train, "val": val, "test": 2}))
-    factory, options = resolve_dataset(name, data_root=tmp_path, labeled=True)
-    return factory.build("train", options), factory.build("val", options)
+@pytest.fixture
+def fake_splits(tmp_path, fake_arrays):
+    """fake_splits(name, train=40, val=24): labeled train and val splits of a fake MedMNIST file
+    `name` (every class in val)."""
+
+    def splits(name: str, train: int = 40, val: int = 24):
+        np.savez(tmp_path / f"{name}.npz", **fake_arrays(name, counts={"train": train, "val": val, "test": 2}))
+        factory, options = resolve_dataset(name, data_root=tmp_path, labeled=True)
+        return factory.build("train", options), factory.build("val", options)
+
+    return splits
 
 
-def tiny_model(info):
-    torch.manual_seed(0)
-    return build_multitask_model("tiny", [info], [registries().tasks.get("rotation")], **TINY)
+@pytest.fixture
+def rotation_model(tiny_model):
+    """rotation_model(info): a tiny rotation model on dataset `info`."""
+    return lambda info: tiny_model([registries().tasks.get("rotation")], [info])
 
 
 @pytest.mark.parametrize("name", ["retinamnist", "chestmnist", "adrenalmnist3d"])  # ordinal, multi-label, 3D binary
-def test_monitor_gives_finite_metrics_and_keeps_the_encoders_mode(tmp_path, name):
-    train, val = fake_splits(tmp_path, name)
-    model = tiny_model(train.info)
+def test_monitor_gives_finite_metrics_and_keeps_the_encoders_mode(name, fake_splits, rotation_model):
+    train, val = fake_splits(name)
+    model = rotation_model(train.info)
     monitor = KnnMonitor(train, val, max_train=20, k=5)
     model.train()
     metrics = monitor.evaluate(model.encoder, torch.device("cpu"))
@@ -130,15 +134,15 @@ def test_monitor_gives_finite_metrics_and_keeps_the_encoders_mode(tmp_path, name
     assert not any(module.training for module in model.encoder.modules())
 
 
-def test_monitor_recognises_its_own_train_samples_with_k1(tmp_path):
+def test_monitor_recognises_its_own_train_samples_with_k1(fake_splits, rotation_model):
     """Val = train and k = 1: each sample's nearest neighbour is itself, so labels and features align."""
-    train, _ = fake_splits(tmp_path, "retinamnist")
+    train, _ = fake_splits("retinamnist")
     monitor = KnnMonitor(train, train, k=1)
-    assert monitor.evaluate(tiny_model(train.info).encoder, torch.device("cpu"))["acc"] == 1.0
+    assert monitor.evaluate(rotation_model(train.info).encoder, torch.device("cpu"))["acc"] == 1.0
 
 
-def test_monitor_subsamples_the_train_split_the_same_way_every_time(tmp_path):
-    train, val = fake_splits(tmp_path, "retinamnist")
+def test_monitor_subsamples_the_train_split_the_same_way_every_time(fake_splits):
+    train, val = fake_splits("retinamnist")
     first, second = KnnMonitor(train, val, max_train=20), KnnMonitor(train, val, max_train=20)
     assert 15 <= len(first.train) <= 25
     np.testing.assert_array_equal(first.train.index, second.train.index)
@@ -146,15 +150,16 @@ def test_monitor_subsamples_the_train_split_the_same_way_every_time(tmp_path):
     assert len(KnnMonitor(train, val, max_train=5000).train) == len(train)
 
 
-def test_encode_split_gives_unit_features_without_gradients(tmp_path):
-    train, _ = fake_splits(tmp_path, "retinamnist", train=10)
-    features = encode_split(tiny_model(train.info).encoder, train, torch.device("cpu"), batch_size=4)
-    assert features.shape == (10, TINY["embed_dim"]) and not features.requires_grad
+def test_encode_split_gives_unit_features_without_gradients(fake_splits, rotation_model):
+    train, _ = fake_splits("retinamnist", train=10)
+    encoder = rotation_model(train.info).encoder
+    features = encode_split(encoder, train, torch.device("cpu"), batch_size=4)
+    assert features.shape == (10, encoder.config.embed_dim) and not features.requires_grad
     np.testing.assert_allclose(features.norm(dim=1).numpy(), 1.0, rtol=1e-5)
 
 
-def test_monitor_refuses_unlabeled_splits(tmp_path):
-    train, val = fake_splits(tmp_path, "retinamnist")
+def test_monitor_refuses_unlabeled_splits(fake_splits):
+    train, val = fake_splits("retinamnist")
     with pytest.raises(ValueError, match="labeled"):
         KnnMonitor(train, val.subset(np.arange(0)))
     with pytest.raises(ValueError, match="labeled"):

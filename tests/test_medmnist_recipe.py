@@ -3,22 +3,24 @@
 import json
 import subprocess
 import sys
-
-from datasets_fakes import REPO_ROOT, fake_arrays
+from pathlib import Path
 
 import numpy as np
+import pytest
 
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 COUNTS = {"train": 30, "val": 10, "test": 10}
 
 
 def run_recipe(data_root, work, results, *extra):
-    command = [sys.executable, str(REPO_ROOT / "benchmarks" / "medmnist_recipe.py"), "--recipe", "smoke",
+    command = [sys.executable, str(BENCHMARKS / "medmnist_recipe.py"), "--recipe", "smoke",
                "--data-root", str(data_root), "--work", str(work), "--results", str(results), "--device", "cpu",
                *extra]
     return subprocess.run(command, capture_output=True, text=True, timeout=600)
 
 
-def test_smoke_recipe_writes_table_json_and_plot_and_resumes(tmp_path):
+@pytest.mark.slow
+def test_smoke_recipe_writes_table_json_and_plot_and_resumes(tmp_path, fake_arrays):
     data_root = tmp_path / "data"
     data_root.mkdir()
     for name in ("retinamnist", "adrenalmnist3d"):
@@ -56,6 +58,7 @@ def test_smoke_recipe_writes_table_json_and_plot_and_resumes(tmp_path):
     assert "holds a 4-step pretraining, not 5" in longer.stderr and "--work" in longer.stderr
 
 
+@pytest.mark.slow
 def test_recipe_names_the_missing_required_file(tmp_path):
     (tmp_path / "data").mkdir()
     result = run_recipe(tmp_path / "data", tmp_path / "work", tmp_path / "results")
@@ -64,7 +67,7 @@ def test_recipe_names_the_missing_required_file(tmp_path):
 
 
 def test_goals_compare_with_the_resnet_of_the_same_table(monkeypatch):
-    monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
     import medmnist_recipe
 
     summary = {

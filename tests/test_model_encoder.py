@@ -5,12 +5,12 @@ import pytest
 import torch
 
 import medformer_kernels
-from medformer_core.errors import UsageError
-from medformer_core.interfaces import InputSpec
+from medformer_core.errors import UnknownNameError, UsageError
+from medformer_core.interfaces import InputAdapter, InputSpec
 from medformer_core.model import PRESETS, Medformer, ModelConfig, model_config
 from medformer_core.multitask import count_parameters
 from medformer_core.plugins import registries
-from test_registry_smoke import phantom_batch, phantom_info, tiny_model
+from medformer_core.registry import Provider, Registry
 
 PATCH_ADAPTERS = {"adapter2d": "patch2d", "adapter3d": "patch3d"}  # the conv stems: test_conv_adapters.py
 CASES = [("patch2d", size, c) for size in (28, 64, 128, 224) for c in (1, 3)] + \
@@ -21,7 +21,8 @@ def encoder(spatial_dims=2, channels=1, size=16, latents=8, **overrides) -> Medf
     torch.manual_seed(0)
     options = {"embed_dim": 32, "depth": 1, "heads": 2, "mlp_ratio": 2.0, **PATCH_ADAPTERS, **overrides}
     config = ModelConfig(latents=latents, **options)
-    return Medformer(config, [InputSpec(spatial_dims, channels, (size,) * spatial_dims)], ["data"])
+    inputs = [InputSpec(spatial_dims, channels, (size,) * spatial_dims)]
+    return Medformer(config, inputs, ["data"], registries().input_adapters)
 
 
 @pytest.mark.parametrize("adapter, size, channels", CASES)
@@ -64,10 +65,20 @@ def test_latents_zero_is_a_plain_vit_over_the_tokens():
     assert model(torch.rand(2, 1, 16, 16), "data").shape == (2, 16, 32)
 
 
+def test_the_encoder_builds_its_adapters_from_the_registry_it_is_given():
+    adapters = Registry("input-adapter", InputAdapter)
+    adapters.add(registries().input_adapters.get("patch2d"), Provider("test", "tests", "-"))
+    config = ModelConfig(embed_dim=32, depth=1, heads=2, latents=4, **PATCH_ADAPTERS)
+    model = Medformer(config, [InputSpec(2, 1, (8, 8))], ["data"], adapters)
+    assert list(model.adapters) == ["patch2d_1ch"]
+    with pytest.raises(UnknownNameError, match="unknown input-adapter 'patch3d'"):
+        Medformer(config, [InputSpec(3, 1, (8, 8, 8))], ["data"], adapters)
+
+
 def test_the_dataset_embedding_tells_datasets_apart():
     torch.manual_seed(0)
     config = ModelConfig(embed_dim=32, depth=1, heads=2, latents=4)
-    model = Medformer(config, [InputSpec(2, 1, (8, 8))], ["ct", "mr"])
+    model = Medformer(config, [InputSpec(2, 1, (8, 8))], ["ct", "mr"], registries().input_adapters)
     with torch.no_grad():
         model.dataset_embed["mr"].fill_(1.0)
     x = torch.rand(1, 1, 8, 8)
@@ -111,7 +122,7 @@ def test_attention_and_patch_embedding_go_through_the_kernels_dispatch(monkeypat
     assert calls == {"attention": 1 + 3, "patch_embed": 1}  # Input Adaptformer + 3 body blocks
 
 
-def test_gradients_reach_every_trainable_parameter():
+def test_gradients_reach_every_trainable_parameter(tiny_model, phantom_batch):
     tasks = [entry.obj for entry in registries().tasks]
     model = tiny_model(tasks)
     generator = torch.Generator().manual_seed(0)
@@ -122,7 +133,7 @@ def test_gradients_reach_every_trainable_parameter():
     assert starved == []
 
 
-def test_same_seed_same_model_and_same_losses():
+def test_same_seed_same_model_and_same_losses(tiny_model, phantom_info, phantom_batch):
     def run(seed):
         model = tiny_model([registries().tasks.get("mae"), registries().tasks.get("rotation")])
         batch = phantom_batch(phantom_info(2))
@@ -148,7 +159,8 @@ def test_presets_build_with_growing_parameter_counts():
     counts = []
     for name in ("tiny", "small", "base"):
         with torch.device("meta"):
-            model = Medformer(PRESETS[name], [InputSpec(2, 1, (28, 28)), InputSpec(3, 1, (28, 28, 28))], ["a", "b"])
+            model = Medformer(PRESETS[name], [InputSpec(2, 1, (28, 28)), InputSpec(3, 1, (28, 28, 28))], ["a", "b"],
+                              registries().input_adapters)
         counts.append(count_parameters(model))
     assert counts == sorted(counts) and counts[0] > 1_000_000
 

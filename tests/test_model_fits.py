@@ -9,11 +9,10 @@ bottleneck holds the fit back (the loss then sits at the label prior's entropy, 
 import pytest
 import torch
 
+from medformer_core.builders import build_model
 from medformer_core.data import DatasetInfo
-from medformer_core.multitask import build_multitask_model
 from medformer_core.plugins import registries
 from medformer_core.schedule import warmup_cosine
-from test_registry_smoke import phantom_batch, phantom_info
 
 SMALL = dict(embed_dim=64, depth=2, heads=2, mlp_ratio=2.0, latents=16)
 FITTING = {"default": {}, "conv stems, pooled latents": dict(adapter2d="conv2d", adapter3d="conv3d", latent_pool=True)}
@@ -21,16 +20,15 @@ SIZES = {2: 28, 3: 16}
 SAMPLES, STEPS = 64, 150
 
 
-def memorise(spatial_dims: int, **overrides) -> list[float]:
-    """Full-batch AdamW (warmup, cosine) on 64 phantoms with random binary labels; the loss of every step."""
-    size = SIZES[spatial_dims]
-    phantoms = phantom_info(spatial_dims, size=size, count=SAMPLES)
-    info = DatasetInfo("memorise", spatial_dims, 1, phantoms.size, task="binary-class", labels={0: "a", 1: "b"})
+def memorise(images: torch.Tensor, **overrides) -> list[float]:
+    """Full-batch AdamW (warmup, cosine) on `images` [N, 1, *S] with random binary labels; the loss of every step."""
+    info = DatasetInfo("memorise", images.ndim - 2, 1, tuple(images.shape[2:]), task="binary-class",
+                       labels={0: "a", 1: "b"})
     generator = torch.Generator().manual_seed(0)
-    batch = {**phantom_batch(phantoms, count=SAMPLES), "dataset": info.name,
-             "label": torch.randperm(SAMPLES, generator=generator).remainder(2).unsqueeze(1)}
+    batch = {"image": images, "dataset": info.name,
+             "label": torch.randperm(len(images), generator=generator).remainder(2).unsqueeze(1)}
     torch.manual_seed(0)
-    model = build_multitask_model("tiny", [info], [registries().tasks.get("supervised")], **{**SMALL, **overrides})
+    model = build_model("tiny", [info], [registries().tasks.get("supervised")], **{**SMALL, **overrides})
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
     schedule = warmup_cosine(optimizer, 10, STEPS)
     losses = []
@@ -44,9 +42,11 @@ def memorise(spatial_dims: int, **overrides) -> list[float]:
     return losses
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", FITTING)
 @pytest.mark.parametrize("spatial_dims", [2, 3])
-def test_a_small_medformer_memorises_64_randomly_labeled_images(spatial_dims, variant):
-    losses = memorise(spatial_dims, **FITTING[variant])
+def test_a_small_medformer_memorises_64_randomly_labeled_images(spatial_dims, variant, phantom_info, phantom_batch):
+    phantoms = phantom_info(spatial_dims, size=SIZES[spatial_dims], count=SAMPLES)
+    losses = memorise(phantom_batch(phantoms, count=SAMPLES)["image"], **FITTING[variant])
     assert losses[0] > 0.5  # it starts near the prior's entropy (0.69): the labels are not trivially fit
     assert max(losses[-5:]) < 0.05, losses[::10]

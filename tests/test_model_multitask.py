@@ -7,16 +7,15 @@ from PIL import Image
 
 from medformer_core.errors import UsageError
 from medformer_core.interfaces import PretextTask
-from medformer_core.multitask import build_multitask_model, check_tasks_accept
+from medformer_core.multitask import check_tasks_accept
 from medformer_core.plugins import registries
-from test_registry_smoke import TINY, phantom_batch, phantom_info, tiny_model
 
 
 def tasks(*names: str) -> list[PretextTask]:
     return [registries().tasks.get(name) for name in names]
 
 
-def test_each_batch_runs_the_tasks_that_accept_its_dataset():
+def test_each_batch_runs_the_tasks_that_accept_its_dataset(tiny_model, phantom_batch):
     model = tiny_model(tasks("mae", "mae3d", "rotation", "slice-position"))
     generator = torch.Generator().manual_seed(0)
     flat, volume = (phantom_batch(info) for info in model.dataset_infos)
@@ -24,28 +23,28 @@ def test_each_batch_runs_the_tasks_that_accept_its_dataset():
     assert set(model(volume, generator)) == {"mae3d", "rotation", "slice-position"}
 
 
-def test_slice_position_adds_a_2d_adapter_for_the_volumes_channels():
+def test_slice_position_adds_a_2d_adapter_for_the_volumes_channels(tiny_model, phantom_info):
     model = tiny_model(tasks("slice-position"), [phantom_info(3, channels=2)])
     assert set(model.encoder.adapters) == {"patch3d_2ch", "patch2d_2ch"}
 
 
-def test_label_tasks_skip_unlabeled_batches():
+def test_label_tasks_skip_unlabeled_batches(tiny_model, phantom_batch, phantom_info):
     model = tiny_model(tasks("supervised", "rotation"))
     batch = phantom_batch(phantom_info(2))
     del batch["label"]
     assert set(model(batch, torch.Generator().manual_seed(0))) == {"rotation"}
 
 
-def test_a_task_that_accepts_no_dataset_is_refused_before_training():
+def test_a_task_that_accepts_no_dataset_is_refused_before_training(tiny_model, phantom_info):
     with pytest.raises(UsageError, match=r"task 'mae3d' accepts none of the run's datasets: phantoms2d \(2D"):
         check_tasks_accept(tasks("mae3d"), [phantom_info(2)])
     with pytest.raises(UsageError, match="'domain-adversarial' accepts none.*at least two"):
-        build_multitask_model("tiny", [phantom_info(3)], tasks("domain-adversarial"), **TINY)
+        tiny_model(tasks("domain-adversarial"), [phantom_info(3)])
     with pytest.raises(UsageError, match="'rotation' is requested twice"):
         check_tasks_accept(tasks("rotation", "rotation"), [phantom_info(2)])
 
 
-def test_a_task_missing_its_methods_is_refused_by_name():
+def test_a_task_missing_its_methods_is_refused_by_name(phantom_info):
     class Half(PretextTask):
         name = "half"
 
@@ -53,7 +52,7 @@ def test_a_task_missing_its_methods_is_refused_by_name():
         check_tasks_accept([Half()], [phantom_info(2)])
 
 
-def test_predict_gives_supervised_scores():
+def test_predict_gives_supervised_scores(tiny_model, phantom_batch, phantom_info):
     model = tiny_model(tasks("supervised", "rotation"))
     model.eval()
     with torch.no_grad():
@@ -65,7 +64,7 @@ def test_predict_gives_supervised_scores():
         model.predict(phantom_batch(phantom_info(2)), task="jigsaw")
 
 
-def test_batches_the_model_was_not_built_for_are_clear_errors():
+def test_batches_the_model_was_not_built_for_are_clear_errors(tiny_model, phantom_batch, phantom_info):
     model = tiny_model(tasks("rotation"))
     batch = phantom_batch(phantom_info(2))
     with pytest.raises(UsageError, match="not built for dataset 'other'"):
@@ -74,13 +73,13 @@ def test_batches_the_model_was_not_built_for_are_clear_errors():
         model({**batch, "image": batch["image"][..., :8, :8]}, torch.Generator())
 
 
-def test_domain_adversarial_shares_one_classifier_across_datasets():
+def test_domain_adversarial_shares_one_classifier_across_datasets(tiny_model):
     model = tiny_model(tasks("domain-adversarial", "rotation"))
     assert set(model.outputs["domain-adversarial"]) == {"all-datasets"}
     assert set(model.outputs["rotation"]) == {"phantoms2d", "phantoms3d"}
 
 
-def test_pictures_are_png_grids_for_the_tasks_that_make_them(tmp_path):
+def test_pictures_are_png_grids_for_the_tasks_that_make_them(tmp_path, tiny_model, phantom_batch):
     model = tiny_model(tasks("mae", "mae3d", "restoration", "rotation"))
     model.train()
     written = []

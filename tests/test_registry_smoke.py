@@ -9,61 +9,61 @@ import pytest
 import torch
 
 from medformer_core import hookimpl
-from medformer_core.data import DatasetInfo, DatasetOptions
 from medformer_core.interfaces import OutputSpec, PretextTask, TaskResult, View
-from medformer_core.multitask import MultitaskModel, build_multitask_model
+from medformer_core.model import module_key
+from medformer_core.multitask import MultitaskModel
 from medformer_core.plugins import plugin_manager, registries
 
-TINY = dict(embed_dim=32, depth=1, heads=2, latents=8, mlp_ratio=2.0)
-PHANTOM_SIZES = {2: 12, 3: 8}
+
+def parameters_the_loss_uses(model: MultitaskModel, task: PretextTask, dataset: str,
+                             embedded: set[str]) -> dict[str, torch.nn.Parameter]:
+    """The parameters of `task`'s loss on `dataset`: its output for the dataset, the input adapters
+    it embedded with, the dataset's embedding and the shared encoder (latents, Input Adaptformer,
+    body, norm); not the other modalities' adapters or the other datasets' embeddings and outputs."""
+    info = next(i for i in model.dataset_infos if i.name == dataset)
+    encoder = model.encoder
+    used = {f"encoder.{n}": p for n, p in encoder.named_parameters()
+            if not n.startswith(("adapters.", "dataset_embed."))}
+    used[f"encoder.dataset_embed.{module_key(dataset)}"] = encoder.dataset_embed[module_key(dataset)]
+    for key in embedded:
+        used |= {f"encoder.adapters.{key}.{n}": p for n, p in encoder.adapters[key].named_parameters()}
+    used |= {f"output.{n}": p for n, p in model.output_for(task, info).named_parameters()}
+    return used
 
 
-def phantom_info(spatial_dims: int, size: int | None = None, channels: int = 1, count: int = 16) -> DatasetInfo:
-    size = size or PHANTOM_SIZES[spatial_dims]
-    options = DatasetOptions(argument=f"size={size},channels={channels},count={count}")
-    return registries().datasets.get(f"phantoms{spatial_dims}d").info(options)
-
-
-def phantom_batch(info: DatasetInfo, count: int = 4, start: int = 0, seed: int = 0) -> dict:
-    """A batch of `count` phantoms of the dataset described by `info` (built like the real split)."""
-    argument = f"size={info.size[0]},channels={info.channels},count={max(count + start, 16)}"
-    split = registries().datasets.get(f"phantoms{info.spatial_dims}d").build(
-        "train", DatasetOptions(argument=argument, seed=seed))
-    return split.batch(range(start, start + count))
-
-
-def tiny_model(tasks: list[PretextTask], datasets: list[DatasetInfo] | None = None, seed: int = 0,
-               **overrides) -> MultitaskModel:
-    torch.manual_seed(seed)
-    datasets = datasets or [phantom_info(2), phantom_info(3)]
-    return build_multitask_model("tiny", datasets, tasks, **{**TINY, **overrides})
-
-
-def check_task_trains(task: PretextTask, spatial_dims: int, latents: int = 8) -> None:
-    """Forward and backward of `task` on a phantom batch: finite loss, gradients into the encoder."""
+def check_task_trains(tiny_model, phantom_batch, task: PretextTask, spatial_dims: int, latents: int = 8) -> None:
+    """Forward and backward of `task` on a phantom batch: a finite loss, and a finite gradient in
+    every parameter the loss uses."""
     model = tiny_model([task], latents=latents)
     info = next(i for i in model.dataset_infos if i.spatial_dims == spatial_dims)
     if task not in model.tasks_for(info.name):
         reason = task.reject_reason(info, model.dataset_infos)
         pytest.skip(f"{task.name} does not accept {spatial_dims}D phantoms: {reason}")
+    embedded = set()
+    for key, adapter in model.encoder.adapters.items():
+        adapter.register_forward_hook(lambda *_, key=key: embedded.add(key))
     results = model(phantom_batch(info), torch.Generator().manual_seed(0))
     result = results[task.name]
     assert result.loss.ndim == 0 and torch.isfinite(result.loss)
     assert all(isinstance(v, float) and math.isfinite(v) for v in result.metrics.values())
     result.loss.backward()
-    grads = [p.grad for p in model.encoder.body.parameters()]
-    assert all(g is not None and torch.isfinite(g).all() for g in grads)
-    assert any(g.abs().sum() > 0 for g in grads)
+    assert embedded, f"{task.name} embedded its view through no input adapter"
+    used = parameters_the_loss_uses(model, task, info.name, embedded)
+    starved = [n for n, p in used.items() if p.grad is None]
+    assert not starved, f"{task.name} on {info.name}: no gradient in {starved}"
+    non_finite = [n for n, p in used.items() if not torch.isfinite(p.grad).all()]
+    assert not non_finite, f"{task.name} on {info.name}: non-finite gradient in {non_finite}"
+    assert any(p.grad.abs().sum() > 0 for p in model.encoder.body.parameters())
 
 
 @pytest.mark.parametrize("latents", [8, 0])
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 @pytest.mark.parametrize("name", registries().tasks.names())
-def test_every_registered_task_trains(name, spatial_dims, latents):
-    check_task_trains(registries().tasks.get(name), spatial_dims, latents)
+def test_every_registered_task_trains(name, spatial_dims, latents, tiny_model, phantom_batch):
+    check_task_trains(tiny_model, phantom_batch, registries().tasks.get(name), spatial_dims, latents)
 
 
-def test_every_task_accepts_some_phantoms():
+def test_every_task_accepts_some_phantoms(phantom_info):
     infos = [phantom_info(2), phantom_info(3)]
     for entry in registries().tasks:
         assert any(entry.obj.reject_reason(info, infos) is None for info in infos), entry.name
@@ -71,10 +71,10 @@ def test_every_task_accepts_some_phantoms():
 
 @pytest.mark.parametrize("channels", [1, 3])
 @pytest.mark.parametrize("name", registries().input_adapters.names())
-def test_every_input_adapter_embeds_and_backpropagates(name, channels):
+def test_every_input_adapter_embeds_and_backpropagates(name, channels, phantom_info):
     adapter = registries().input_adapters.get(name)
     for spatial_dims in adapter.spatial_dims:
-        size = (PHANTOM_SIZES[spatial_dims],) * spatial_dims
+        size = phantom_info(spatial_dims).size
         module = adapter.build(channels=channels, size=size, embed_dim=16, patch=4)
         x = torch.rand(2, channels, *size, requires_grad=True)
         tokens = module(x)
@@ -135,6 +135,6 @@ def third_party_task():
     registries.cache_clear()
 
 
-def test_a_third_party_task_goes_through_the_same_smoke_test(third_party_task):
+def test_a_third_party_task_goes_through_the_same_smoke_test(third_party_task, tiny_model, phantom_batch):
     assert third_party_task.name in registries().tasks
-    check_task_trains(third_party_task, 2)
+    check_task_trains(tiny_model, phantom_batch, third_party_task, 2)

@@ -59,6 +59,7 @@ def test_train_writes_a_complete_run_directory(tmp_path, run_cli):
     assert "4 steps" in out
 
 
+@pytest.mark.slow
 def test_resumed_run_matches_an_uninterrupted_one(tmp_path, run_cli):
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     config = write_config(tmp_path / "run.toml", checkpoint_every=3, log_every=1, picture_every=100)
@@ -97,6 +98,7 @@ def _wait_for_checkpoint(run: Path, process: subprocess.Popen, timeout: float = 
         time.sleep(0.2)
 
 
+@pytest.mark.slow
 def test_sigkill_leaves_a_resumable_checkpoint(tmp_path, run_cli):
     run = tmp_path / "run"
     process = _start_training(tmp_path, run, steps=UNREACHABLE_STEPS)
@@ -110,6 +112,7 @@ def test_sigkill_leaves_a_resumable_checkpoint(tmp_path, run_cli):
     assert (run / "checkpoints" / f"step_{target:06d}").is_dir()
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_the_step_and_checkpoints(tmp_path, run_cli):
     run = tmp_path / "run"
     process = _start_training(tmp_path, run, steps=UNREACHABLE_STEPS)
@@ -203,6 +206,7 @@ def test_existing_run_is_not_overwritten(tmp_path, run_cli):
     assert code == 2 and "already holds checkpoints" in err and "--resume" in err
 
 
+@pytest.mark.slow
 def test_finetune_linear_probe_and_eval(tmp_path, run_cli):
     pretrain, tuned, probe = tmp_path / "pretrain", tmp_path / "tuned", tmp_path / "probe"
     assert run_cli("train", *TINY, "--steps", "2", "--out", str(pretrain))[0] == 0
@@ -226,18 +230,44 @@ def test_linear_probe_needs_a_source(tmp_path, run_cli):
     assert code == 2 and "--linear-probe needs --from" in err
 
 
-@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
-def test_two_process_ddp_run(tmp_path):
-    run = tmp_path / "ddp"
+def run_two_processes(*args: str) -> subprocess.CompletedProcess:
+    """`medformer *args` as 2 DDP processes (torch.distributed.run, gloo on the CPU)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
     env["OMP_NUM_THREADS"] = "1"
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
-         "-m", "medformer_cli.app", "train", *TINY, "--steps", "3", "--out", str(run), "--device", "cpu"],
-        env=env, capture_output=True, text=True, timeout=300,
-    )
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "medformer_cli.app", *args, "--device", "cpu"]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+
+
+needs_distributed = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
+
+
+@pytest.mark.slow
+@needs_distributed
+def test_two_process_ddp_run(tmp_path):
+    run = tmp_path / "ddp"
+    result = run_two_processes("train", *TINY, "--steps", "3", "--out", str(run))
     assert result.returncode == 0, result.stderr[-2000:]
     assert sorted(losses_by_step(run)) == [3]  # one writer: rank 0
     assert (run / "checkpoints" / "step_000003").is_dir()
     state = torch.load(run / "checkpoints" / "step_000003" / "state.pt", weights_only=True)
     assert state["samples"] == 3 * 8 * 2  # each of 2 ranks saw its own batch of 8 per step
+
+
+@pytest.mark.slow
+@needs_distributed
+def test_two_process_ddp_finetune(tmp_path):
+    run = tmp_path / "ddp"
+    result = run_two_processes("finetune", *TINY_MODEL, "--dataset", "phantoms2d:size=16,count=48", "--epochs", "2",
+                               "--batch-size", "8", "--quiet", "--out", str(run))
+    assert result.returncode == 0, result.stderr[-2000:]
+    results = json.loads((run / "results.json").read_text())
+    assert results["epochs"] == 2 and results["train_samples"] == 48 and results["best_epoch"] in (1, 2)
+    assert [h["epoch"] for h in results["history"]] == [1, 2]
+    assert all(math.isfinite(h["train_loss"]) for h in results["history"])
+    assert all(0.0 <= results[split][metric] <= 1.0 for split in ("val", "test") for metric in ("auc", "acc"))
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    # 48 samples in 2 shards of 24, batches of 8: 3 steps an epoch; one writer (rank 0), one record per epoch
+    assert [(r["step"], r["samples"]) for r in records if "losses" in r] == [(3, 48), (6, 96)]
+    assert [r["epoch"] for r in records if "val" in r] == [1, 2]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000003", "step_000006"]

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from medformer_kernels.checks import check_patch_embed
-from medformer_kernels.reference import patch_embed_conv, patch_embed_reference, patchify, unpatchify
+from medformer_kernels.reference import patch_embed_conv, patch_embed_reference
 
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=1e-2, rtol=1e-2)}
 NAMES = ("out", "dx", "dweight", "dbias", "dpos")
@@ -132,12 +132,6 @@ def test_reference_matches_conv(shape, patch, e):
     sizes = check_patch_embed(x, weight, bias, pos, patch, None).sizes
     torch.testing.assert_close(patch_embed_reference(x, weight, bias, pos, sizes),
                                patch_embed_conv(x, weight, bias, pos, sizes))
-
-
-@pytest.mark.parametrize("shape,patch", [((2, 3, 8, 12), (2, 3)), ((1, 2, 6, 4, 10), (3, 2, 5))])
-def test_unpatchify_inverts_patchify(shape, patch):
-    x = torch.randn(shape)
-    assert torch.equal(unpatchify(patchify(x, patch), shape, patch), x)
 
 
 def test_patch_order_is_conv_order():
