@@ -35,11 +35,11 @@ from resnet import resnet18_for
 from safetensors.torch import save_file
 from torch import nn
 
-from medformer_core.data import DatasetInfo, ImageSplit
-from medformer_core.datasets import resolve_dataset
-from medformer_core.devices import resolve_device
-from medformer_core.errors import MedformerError, UsageError
-from medformer_core.evaluation import medmnist_metrics, predict_split
+from medformer_core.api.data import DatasetInfo, ImageSplit
+from medformer_core.api.datasets import resolve_dataset
+from medformer_core.api.errors import MedformerError, UsageError
+from medformer_core.engine.devices import resolve_device
+from medformer_core.engine.evaluation import medmnist_metrics, predict_split
 from medformer_plugins.task_supervised import MULTI_LABEL
 
 MODE = "resnet18"

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from medformer_core.config import RunConfig
-from medformer_core.trainer import Trainer
+from medformer_core.engine.config import RunConfig
+from medformer_core.engine.trainer import Trainer
 
 
 def bare_step(model, optimizer, split_batches, augment, generator, weights) -> int:

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import torch
 
-from medformer_core.augment import Augment
-from medformer_core.builders import build_model
-from medformer_core.config import DEFAULT_TASKS
-from medformer_core.datasets import default_data_root, resolve_dataset
-from medformer_core.plugins import registries
-from medformer_core.sampling import MultiDatasetSampler
-from medformer_core.trainer import base_augment
+from medformer_core.api.datasets import default_data_root, resolve_dataset
+from medformer_core.api.plugins import registries
+from medformer_core.engine.augment import Augment
+from medformer_core.engine.builders import build_model
+from medformer_core.engine.config import DEFAULT_TASKS
+from medformer_core.engine.sampling import MultiDatasetSampler
+from medformer_core.engine.trainer import base_augment
 
 CASES = [  # (label, MedMNIST file, phantom stand-in with the same shape)
     ("28^2", "retinamnist", "phantoms2d:size=28,channels=3,count=1024"),

@@ -24,10 +24,10 @@ import numpy as np
 import torch
 from cnn_baselines import train_resnet
 
-from medformer_core.config import RunConfig, load_config
-from medformer_core.datasets import default_data_root
-from medformer_core.finetune import PROBE_LR, FinetuneConfig, Finetuner
-from medformer_core.trainer import Trainer
+from medformer_core.api.datasets import default_data_root
+from medformer_core.downstream.finetune import PROBE_LR, FinetuneConfig, Finetuner
+from medformer_core.engine.config import RunConfig, load_config
+from medformer_core.engine.trainer import Trainer
 
 HERE = Path(__file__).resolve().parent
 BASELINES = {  # published MedMNIST v2 test AUC / ACC (Yang et al. 2023), the strongest ResNet-18 column

@@ -33,12 +33,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from medformer_core.builders import build_model
-from medformer_core.data import DatasetOptions
-from medformer_core.interfaces import InputSpec
-from medformer_core.model import PRESETS, Medformer, model_config
-from medformer_core.patches import sincos_position_embedding
-from medformer_core.plugins import registries
+from medformer_core.api.data import DatasetOptions
+from medformer_core.api.interfaces import InputSpec
+from medformer_core.api.plugins import registries
+from medformer_core.engine.builders import build_model
+from medformer_core.model.medformer import PRESETS, Medformer, model_config
+from medformer_core.model.patches import sincos_position_embedding
 
 CONFIGS = [
     ("128 images 28x28x1", 128, 1, (28, 28)),

@@ -7,8 +7,8 @@ from rich.markup import escape
 
 from medformer_cli import bench, datasets_cmd, plugins_cmd, train_cmd
 from medformer_cli.console import err
-from medformer_core.errors import MedformerError
-from medformer_core.plugins import medformer_version, plugin_manager
+from medformer_core.api.errors import MedformerError
+from medformer_core.api.plugins import medformer_version, plugin_manager
 
 
 def _version(value: bool):

@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 
 from medformer_cli.console import err, out
-from medformer_core.errors import UsageError
+from medformer_core.api.errors import UsageError
 from medformer_kernels import bench
 
 app = typer.Typer(

@@ -12,11 +12,11 @@ from rich.table import Table
 
 from medformer_cli.console import err, out
 from medformer_cli.datasets_preview import label_text, montage
-from medformer_core.data import DatasetOptions
-from medformer_core.datasets import default_data_root, resolve_dataset
-from medformer_core.errors import DataError, MedformerError, UsageError
-from medformer_core.lookup import unknown_name
-from medformer_core.plugins import registries
+from medformer_core.api.data import DatasetOptions
+from medformer_core.api.datasets import default_data_root, resolve_dataset
+from medformer_core.api.errors import DataError, MedformerError, UsageError
+from medformer_core.api.lookup import unknown_name
+from medformer_core.api.plugins import registries
 from medformer_plugins.medmnist import MedMNIST
 from medformer_plugins.medmnist_download import download as download_file
 from medformer_plugins.medmnist_files import SPLITS, Variant, info_table, sizes_offered, verify_file

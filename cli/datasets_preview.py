@@ -4,8 +4,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from medformer_core.data import DatasetInfo
-from medformer_core.pictures import views
+from medformer_core.api.data import DatasetInfo
+from medformer_core.reporting.pictures import views
 
 TILE = 112  # pixels per tile side (nearest-neighbour upscaling keeps the pixels visible)
 CAPTION = 14

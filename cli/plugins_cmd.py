@@ -7,10 +7,10 @@ import typer
 from rich.table import Table
 
 from medformer_cli.console import out
-from medformer_core.data import DatasetOptions
-from medformer_core.errors import MedformerError
-from medformer_core.interfaces import DatasetFactory, PretextTask
-from medformer_core.plugins import registries
+from medformer_core.api.data import DatasetOptions
+from medformer_core.api.errors import MedformerError
+from medformer_core.api.interfaces import DatasetFactory, PretextTask
+from medformer_core.api.plugins import registries
 
 app = typer.Typer(help="List and inspect installed plugins (datasets, adapters, heads, pretext tasks).",
                   no_args_is_help=True)

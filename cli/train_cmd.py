@@ -9,11 +9,11 @@ import typer
 from rich.table import Table
 
 from medformer_cli.console import err, out
-from medformer_core.config import RunConfig, load_config
-from medformer_core.engine import RunSummary
-from medformer_core.errors import RunStopped, UsageError
-from medformer_core.options import split_pairs
-from medformer_core.trainer import Trainer
+from medformer_core.api.errors import RunStopped, UsageError
+from medformer_core.api.options import split_pairs
+from medformer_core.engine.config import RunConfig, load_config
+from medformer_core.engine.loop import RunSummary
+from medformer_core.engine.trainer import Trainer
 
 
 def _toml_values(pairs: dict[str, str]) -> dict:
@@ -149,7 +149,7 @@ def finetune(
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ):
     """Fine-tune (or linear-probe) a pretrained encoder on a labeled dataset; report test AUC and ACC."""
-    from medformer_core.finetune import PROBE_LR, FinetuneConfig, Finetuner, read_finetune_config
+    from medformer_core.downstream.finetune import PROBE_LR, FinetuneConfig, Finetuner, read_finetune_config
 
     given = {
         "dataset": dataset, "source": source, "linear_probe": linear_probe or None, "label_fraction": label_fraction,
@@ -189,7 +189,7 @@ def evaluate(
     """Evaluate a fine-tuned model: AUC and ACC exactly as MedMNIST's evaluator computes them."""
     import json
 
-    from medformer_core.finetune import evaluate_run
+    from medformer_core.downstream.finetune import evaluate_run
 
     if split not in ("train", "val", "test"):
         raise UsageError(f"--split must be train, val or test, got '{split}'")

@@ -5,7 +5,7 @@ import os
 
 import torch
 
-from medformer_core.errors import UsageError
+from medformer_core.api.errors import UsageError
 
 BACKEND_ENV = "MEDFORMER_KERNELS"
 BACKENDS = ("auto", "triton", "torch")

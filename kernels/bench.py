@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.utils.benchmark
 
-from medformer_core.errors import UsageError
+from medformer_core.api.errors import UsageError
 from medformer_kernels.backend import interpret_enabled, triton_available
 from medformer_kernels.checks import check_patch_embed
 from medformer_kernels.reference import (

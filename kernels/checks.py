@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from medformer_core.errors import UsageError
+from medformer_core.api.errors import UsageError
 
 HEAD_DIMS = (16, 32, 64, 128)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)

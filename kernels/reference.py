@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from medformer_core.patches import patchify
+from medformer_core.model.patches import patchify
 
 
 def attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:

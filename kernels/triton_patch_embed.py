@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from medformer_core.patches import unpatchify
+from medformer_core.model.patches import unpatchify
 from medformer_kernels.backend import interpret_enabled
 from medformer_kernels.checks import PatchGeometry
 

@@ -1,5 +1,39 @@
-"""medformer core: hookspecs, plugin manager, registries, data contracts, model and engine."""
+"""medformer core, in layers: `api` (the plugin contract), `reporting`, `model`, `engine`, `downstream`.
 
-from medformer_core.hookspecs import hookimpl
+Plugin authors import everything they need from here:
 
-__all__ = ["hookimpl"]
+    from medformer_core import hookimpl, PretextTask, View, TaskResult, OutputSpec, TaskContext
+"""
+
+import sys
+
+from medformer_core.api import data, errors, hookspecs, interfaces
+from medformer_core.api.context import TaskContext
+from medformer_core.api.data import DatasetInfo, DatasetOptions, ImageSplit, stratified_subset
+from medformer_core.api.errors import DataError, MedformerError, UnknownNameError, UsageError
+from medformer_core.api.files import atomic_write
+from medformer_core.api.hookspecs import hookimpl
+from medformer_core.api.interfaces import (
+    DatasetFactory,
+    InputAdapter,
+    InputSpec,
+    NoOptions,
+    OutputHead,
+    OutputSpec,
+    PretextTask,
+    TaskResult,
+    View,
+    classification_result,
+)
+from medformer_core.api.options import parse_options, split_pairs
+
+# The modules plugins imported before the core had layers keep working under their old names.
+for _name, _module in {"data": data, "errors": errors, "hookspecs": hookspecs, "interfaces": interfaces}.items():
+    sys.modules.setdefault(f"{__name__}.{_name}", _module)
+
+__all__ = [
+    "DataError", "DatasetFactory", "DatasetInfo", "DatasetOptions", "ImageSplit", "InputAdapter", "InputSpec",
+    "MedformerError", "NoOptions", "OutputHead", "OutputSpec", "PretextTask", "TaskContext", "TaskResult",
+    "UnknownNameError", "UsageError", "View", "atomic_write", "classification_result", "hookimpl",
+    "parse_options", "split_pairs", "stratified_subset",
+]

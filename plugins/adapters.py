@@ -14,10 +14,8 @@ import torch
 from torch import nn
 
 import medformer_kernels as kernels
-from medformer_core import hookimpl
-from medformer_core.errors import UsageError
-from medformer_core.interfaces import InputAdapter
-from medformer_core.patches import grid_shape, pad_to_multiple, sincos_position_embedding
+from medformer_core import InputAdapter, UsageError, hookimpl
+from medformer_core.model.patches import grid_shape, pad_to_multiple, sincos_position_embedding
 
 AXES = {2: "H, W", 3: "D, H, W"}
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from medformer_core import hookimpl
-from medformer_core.patches import grid_shape, pad_to_multiple
+from medformer_core.model.patches import grid_shape, pad_to_multiple
 from medformer_plugins.adapters import GridAdapter, GridEmbedding
 
 CONV = {2: nn.Conv2d, 3: nn.Conv3d}

@@ -37,12 +37,21 @@ from typing import Literal
 
 import numpy as np
 
-from medformer_core import hookimpl
-from medformer_core.data import DatasetInfo, DatasetOptions, ImageSplit, stratified_subset
-from medformer_core.errors import DataError, MedformerError, UsageError
-from medformer_core.files import atomic_write
-from medformer_core.interfaces import DatasetFactory
-from medformer_core.options import parse_options, settings_of, split_pairs
+from medformer_core import (
+    DataError,
+    DatasetFactory,
+    DatasetInfo,
+    DatasetOptions,
+    ImageSplit,
+    MedformerError,
+    UsageError,
+    atomic_write,
+    hookimpl,
+    parse_options,
+    split_pairs,
+    stratified_subset,
+)
+from medformer_core.api.options import settings_of
 from medformer_plugins.folder_preprocess import FIT_MODES, INTENSITY_MODES, SLICE_AXES, fit, normalize, slices, to_uint8
 from medformer_plugins.folder_readers import Sample, describe_error, find_samples, read_sample
 from medformer_plugins.medmnist_files import cache_dir

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medformer_core.errors import MedformerError
+from medformer_core import MedformerError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 DICOM_SUFFIXES = {".dcm", ".dicom", ".ima"}

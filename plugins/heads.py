@@ -12,8 +12,7 @@ import math
 import torch
 from torch import nn
 
-from medformer_core import hookimpl
-from medformer_core.interfaces import OutputHead
+from medformer_core import OutputHead, hookimpl
 
 
 class LabelHead(nn.Module):

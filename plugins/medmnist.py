@@ -8,11 +8,16 @@ binary, multi-class and ordinal tasks give one class index per sample ([N, 1]); 
 `DatasetOptions.extra["mmap"]` is `auto` (default), `always` or `never` (see medmnist_files).
 """
 
-from medformer_core import hookimpl
-from medformer_core.data import DatasetInfo, DatasetOptions, ImageSplit, stratified_subset
-from medformer_core.datasets import default_data_root
-from medformer_core.errors import UsageError
-from medformer_core.interfaces import DatasetFactory
+from medformer_core import (
+    DatasetFactory,
+    DatasetInfo,
+    DatasetOptions,
+    ImageSplit,
+    UsageError,
+    hookimpl,
+    stratified_subset,
+)
+from medformer_core.api.datasets import default_data_root
 from medformer_plugins.medmnist_files import (
     SPLITS,
     NpzFile,

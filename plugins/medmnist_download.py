@@ -12,8 +12,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from medformer_core.errors import DataError
-from medformer_core.files import atomic_write
+from medformer_core import DataError, atomic_write
 from medformer_plugins.medmnist_files import Variant, file_md5
 
 MIRROR_ENV = "MEDFORMER_MEDMNIST_MIRROR"

@@ -19,8 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medformer_core.errors import DataError, UsageError
-from medformer_core.files import atomic_write
+from medformer_core import DataError, UsageError, atomic_write
 
 SPLITS = ("train", "val", "test")
 KEYS = tuple(f"{split}_{part}" for split in SPLITS for part in ("images", "labels"))

@@ -11,11 +11,16 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from medformer_core import hookimpl
-from medformer_core.data import DatasetInfo, DatasetOptions, ImageSplit
-from medformer_core.errors import UsageError
-from medformer_core.interfaces import DatasetFactory
-from medformer_core.options import parse_options, split_pairs
+from medformer_core import (
+    DatasetFactory,
+    DatasetInfo,
+    DatasetOptions,
+    ImageSplit,
+    UsageError,
+    hookimpl,
+    parse_options,
+    split_pairs,
+)
 
 SHAPES = ("ball", "box", "shell", "rod")
 SPLIT_FRACTIONS = {"train": 1.0, "val": 0.25, "test": 0.25}

@@ -1,6 +1,6 @@
 """`contrastive`: SimCLR (Chen et al., 2020) on two augmented views, 2D and 3D.
 
-Both views of a batch (medformer_core.augment: flips, rot90, random resized crop, intensity jitter,
+Both views of a batch (medformer_core.engine.augment: flips, rot90, random resized crop, intensity jitter,
 noise, blur) are encoded in one pass; one pooled query per view feeds a projection head; the loss
 is NT-Xent: each view must pick its partner among the 2B - 1 others at temperature `temperature`.
 """
@@ -10,8 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from medformer_core import hookimpl
-from medformer_core.interfaces import OutputSpec, PretextTask, TaskResult, View, classification_result
+from medformer_core import OutputSpec, PretextTask, TaskResult, View, classification_result, hookimpl
 
 
 @dataclass(frozen=True)
@@ -49,7 +48,7 @@ class Contrastive(PretextTask):
         self._augments = {}
 
     def augment(self, spatial_dims: int):
-        from medformer_core.augment import Augment  # the augmentation module is optional until used
+        from medformer_core.engine.augment import Augment  # the augmentation module is optional until used
 
         if spatial_dims not in self._augments:
             self._augments[spatial_dims] = Augment(spatial_dims)

@@ -13,8 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from medformer_core import hookimpl
-from medformer_core.interfaces import OutputSpec, PretextTask, classification_result
+from medformer_core import OutputSpec, PretextTask, classification_result, hookimpl
 
 
 @dataclass(frozen=True)

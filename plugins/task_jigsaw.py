@@ -17,10 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from medformer_core import hookimpl
-from medformer_core.draws import integers
-from medformer_core.interfaces import OutputSpec, PretextTask, View, classification_result
-from medformer_core.patches import map_tiles
+from medformer_core import OutputSpec, PretextTask, View, classification_result, hookimpl
+from medformer_core.api.draws import integers
+from medformer_core.model.patches import map_tiles
 
 GRIDS = {2: (3, 3), 3: (2, 2, 2)}
 PERMUTATION_SEED = 0

@@ -10,10 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from medformer_core import hookimpl
-from medformer_core.context import TaskContext
-from medformer_core.draws import uniform
-from medformer_core.interfaces import OutputSpec, PretextTask, TaskResult
+from medformer_core import OutputSpec, PretextTask, TaskContext, TaskResult, hookimpl
+from medformer_core.api.draws import uniform
 
 NORM_EPS = 1e-6
 

@@ -19,11 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
-from medformer_core import hookimpl
-from medformer_core.context import TaskContext
-from medformer_core.draws import integers, permutations, uniform
-from medformer_core.interfaces import OutputSpec, PretextTask, TaskResult, View
-from medformer_core.patches import map_tiles
+from medformer_core import OutputSpec, PretextTask, TaskContext, TaskResult, View, hookimpl
+from medformer_core.api.draws import integers, permutations, uniform
+from medformer_core.model.patches import map_tiles
 
 CURVE_POINTS = 256
 MAX_BOXES = 5

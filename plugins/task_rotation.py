@@ -13,9 +13,8 @@ import itertools
 
 import torch
 
-from medformer_core import hookimpl
-from medformer_core.draws import integers
-from medformer_core.interfaces import OutputSpec, PretextTask, View, classification_result
+from medformer_core import OutputSpec, PretextTask, View, classification_result, hookimpl
+from medformer_core.api.draws import integers
 
 
 def _is_proper(perm: tuple[int, ...], signs: tuple[int, ...]) -> bool:

@@ -12,9 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from medformer_core import hookimpl
-from medformer_core.draws import integers, uniform
-from medformer_core.interfaces import InputSpec, OutputSpec, PretextTask, TaskResult
+from medformer_core import InputSpec, OutputSpec, PretextTask, TaskResult, hookimpl
+from medformer_core.api.draws import integers, uniform
 
 AXES = 3
 

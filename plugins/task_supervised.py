@@ -25,8 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from medformer_core import hookimpl
-from medformer_core.interfaces import OutputSpec, PretextTask, TaskResult, View
+from medformer_core import OutputSpec, PretextTask, TaskResult, View, hookimpl
 
 MULTI_CLASS, BINARY, MULTI_LABEL, ORDINAL = (
     "multi-class", "binary-class", "multi-label, binary-class", "ordinal-regression")

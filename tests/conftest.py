@@ -10,11 +10,11 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from medformer_core import plugins  # noqa: E402
-from medformer_core.builders import build_model  # noqa: E402
-from medformer_core.data import DatasetInfo, DatasetOptions  # noqa: E402
-from medformer_core.interfaces import PretextTask  # noqa: E402
-from medformer_core.multitask import MultitaskModel  # noqa: E402
+from medformer_core.api import plugins  # noqa: E402
+from medformer_core.api.data import DatasetInfo, DatasetOptions  # noqa: E402
+from medformer_core.api.interfaces import PretextTask  # noqa: E402
+from medformer_core.engine.builders import build_model  # noqa: E402
+from medformer_core.model.multitask import MultitaskModel  # noqa: E402
 from medformer_plugins.medmnist_files import SPLITS, Variant, label_columns, sample_shape  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from medformer_core.augment import Augment
+from medformer_core.engine.augment import Augment
 
 OFF = dict(flip_prob=0.0, rot90=False, crop_scale=None, intensity=0.0, noise_std=0.0, blur_prob=0.0)
 

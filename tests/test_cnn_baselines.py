@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from medformer_core.data import DatasetInfo, stratified_subset
-from medformer_core.errors import UsageError
+from medformer_core.api.data import DatasetInfo, stratified_subset
+from medformer_core.api.errors import UsageError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from cnn_baselines import Classifier, learning_rate, train_resnet  # noqa: E402

@@ -4,9 +4,9 @@ sizes and patches, no masked content reaching a visible token (MAE), and the lat
 import pytest
 import torch
 
-from medformer_core.interfaces import InputSpec
-from medformer_core.model import Medformer, ModelConfig, latent_grid, latent_regions, region_means
-from medformer_core.plugins import registries
+from medformer_core.api.interfaces import InputSpec
+from medformer_core.api.plugins import registries
+from medformer_core.model.medformer import Medformer, ModelConfig, latent_grid, latent_regions, region_means
 from medformer_plugins.conv_adapters import stem_strides
 
 

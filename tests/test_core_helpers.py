@@ -5,10 +5,10 @@ from typing import Literal
 
 import pytest
 
-from medformer_core.errors import UnknownNameError, UsageError
-from medformer_core.files import atomic_write
-from medformer_core.lookup import lookup, unknown_name
-from medformer_core.options import parse_options, split_pairs
+from medformer_core.api.errors import UnknownNameError, UsageError
+from medformer_core.api.files import atomic_write
+from medformer_core.api.lookup import lookup, unknown_name
+from medformer_core.api.options import parse_options, split_pairs
 
 
 def test_lookup_suggests_close_names_or_lists_them():

@@ -6,7 +6,7 @@ import urllib.error
 
 import pytest
 
-from medformer_core.errors import DataError
+from medformer_core.api.errors import DataError
 from medformer_plugins.medmnist_download import download, source_url
 from medformer_plugins.medmnist_files import Variant
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medformer_core.datasets import resolve_dataset
-from medformer_core.errors import DataError, MedformerError, UsageError
-from medformer_core.plugins import registries
+from medformer_core.api.datasets import resolve_dataset
+from medformer_core.api.errors import DataError, MedformerError, UsageError
+from medformer_core.api.plugins import registries
 from medformer_plugins.folder import parse_settings
 from medformer_plugins.folder_readers import find_samples, read_sample
 

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from medformer_core.augment import Augment
-from medformer_core.data import DatasetOptions
-from medformer_core.datasets import resolve_dataset
-from medformer_core.errors import DataError, UsageError
-from medformer_core.plugins import registries
+from medformer_core.api.data import DatasetOptions
+from medformer_core.api.datasets import resolve_dataset
+from medformer_core.api.errors import DataError, UsageError
+from medformer_core.api.plugins import registries
+from medformer_core.engine.augment import Augment
 from medformer_plugins.medmnist_files import Variant, all_variants, info_table, verify_file
 
 

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from medformer_core.datasets import DATA_ROOT_ENV, default_data_root, resolve_dataset, split_reference
-from medformer_core.errors import UnknownNameError, UsageError
+from medformer_core.api.datasets import DATA_ROOT_ENV, default_data_root, resolve_dataset, split_reference
+from medformer_core.api.errors import UnknownNameError, UsageError
 
 
 def test_data_root_precedence(monkeypatch, tmp_path):
@@ -51,7 +51,7 @@ def test_unknown_name_suggests_close_matches():
 
 
 def test_argument_for_a_dataset_that_takes_none(monkeypatch):
-    from medformer_core.plugins import registries
+    from medformer_core.api.plugins import registries
 
     factory = registries().datasets.get("phantoms2d")
     monkeypatch.setattr(type(factory), "takes_argument", False)

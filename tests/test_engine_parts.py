@@ -5,11 +5,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from medformer_core.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from medformer_core.config import RunConfig, load_config, write_config
-from medformer_core.errors import CheckpointError, UsageError
-from medformer_core.schedule import warmup_cosine
-from medformer_core.weighting import FixedWeighting, UncertaintyWeighting, make_weighting
+from medformer_core.api.errors import CheckpointError, UsageError
+from medformer_core.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from medformer_core.engine.config import RunConfig, load_config, write_config
+from medformer_core.engine.schedule import warmup_cosine
+from medformer_core.engine.weighting import FixedWeighting, UncertaintyWeighting, make_weighting
 
 
 def test_config_round_trips_through_toml(tmp_path):

@@ -14,13 +14,20 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from medformer_core.builders import build_model
-from medformer_core.data import DatasetInfo
-from medformer_core.datasets import resolve_dataset
-from medformer_core.finetune import FinetuneConfig, Finetuner, WeightEMA, epoch_sampler, mixup, read_finetune_config
-from medformer_core.interfaces import View
-from medformer_core.model import ModelConfig
-from medformer_core.plugins import registries
+from medformer_core.api.data import DatasetInfo
+from medformer_core.api.datasets import resolve_dataset
+from medformer_core.api.interfaces import View
+from medformer_core.api.plugins import registries
+from medformer_core.downstream.finetune import (
+    FinetuneConfig,
+    Finetuner,
+    WeightEMA,
+    epoch_sampler,
+    mixup,
+    read_finetune_config,
+)
+from medformer_core.engine.builders import build_model
+from medformer_core.model.medformer import ModelConfig
 
 DATASET = "phantoms2d:size=16,count=40"  # train 40 (2 batches of 16, a tail of 8), val 10, test 10
 # 3 epochs of 2 steps, a validation (and a checkpoint) after each epoch, every option that has state.
@@ -105,7 +112,7 @@ def uninterrupted(encoder, tmp_path_factory):
 # Runs the CLI, but SIGKILLs itself when asked to write the checkpoint of step $KILL_AT_STEP.
 KILLED_RUN = """
 import os, signal, sys
-from medformer_core import engine
+from medformer_core.engine import loop as engine
 write = engine.save_checkpoint
 def write_or_die(root, step, *args, **kwargs):
     if step == int(os.environ["KILL_AT_STEP"]):

@@ -2,12 +2,12 @@
 
 import pytest
 
-from medformer_core.builders import build_model
-from medformer_core.datasets import resolve_dataset
-from medformer_core.errors import UsageError
-from medformer_core.finetune import FinetuneConfig, layer_decay_groups
-from medformer_core.model import ModelConfig
-from medformer_core.plugins import registries
+from medformer_core.api.datasets import resolve_dataset
+from medformer_core.api.errors import UsageError
+from medformer_core.api.plugins import registries
+from medformer_core.downstream.finetune import FinetuneConfig, layer_decay_groups
+from medformer_core.engine.builders import build_model
+from medformer_core.model.medformer import ModelConfig
 
 
 @pytest.fixture

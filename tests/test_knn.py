@@ -9,11 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from medformer_core.datasets import resolve_dataset
-from medformer_core.evaluation import medmnist_metrics
-from medformer_core.knn import KnnMonitor, encode_split, knn_scores
-from medformer_core.plots import plot_knn
-from medformer_core.plugins import registries
+from medformer_core.api.datasets import resolve_dataset
+from medformer_core.api.plugins import registries
+from medformer_core.engine.evaluation import medmnist_metrics
+from medformer_core.engine.knn import KnnMonitor, encode_split, knn_scores
+from medformer_core.reporting.plots import plot_knn
 
 TASK_SHAPES = [  # task type, K (classes or labels), label columns
     ("multi-class", 4, 1),

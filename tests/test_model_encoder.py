@@ -5,12 +5,12 @@ import pytest
 import torch
 
 import medformer_kernels
-from medformer_core.errors import UnknownNameError, UsageError
-from medformer_core.interfaces import InputAdapter, InputSpec
-from medformer_core.model import PRESETS, Medformer, ModelConfig, model_config
-from medformer_core.multitask import count_parameters
-from medformer_core.plugins import registries
-from medformer_core.registry import Provider, Registry
+from medformer_core.api.errors import UnknownNameError, UsageError
+from medformer_core.api.interfaces import InputAdapter, InputSpec
+from medformer_core.api.plugins import registries
+from medformer_core.api.registry import Provider, Registry
+from medformer_core.model.medformer import PRESETS, Medformer, ModelConfig, model_config
+from medformer_core.model.multitask import count_parameters
 
 PATCH_ADAPTERS = {"adapter2d": "patch2d", "adapter3d": "patch3d"}  # the conv stems: test_conv_adapters.py
 CASES = [("patch2d", size, c) for size in (28, 64, 128, 224) for c in (1, 3)] + \

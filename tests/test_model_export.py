@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from medformer_core.errors import CheckpointError
-from medformer_core.model import Medformer
-from medformer_core.plugins import registries
+from medformer_core.api.errors import CheckpointError
+from medformer_core.api.plugins import registries
+from medformer_core.model.medformer import Medformer
 
 PATCH_ADAPTERS = {"adapter2d": "patch2d", "adapter3d": "patch3d"}  # few, stable adapter tensor names
 

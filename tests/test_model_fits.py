@@ -9,10 +9,10 @@ bottleneck holds the fit back (the loss then sits at the label prior's entropy, 
 import pytest
 import torch
 
-from medformer_core.builders import build_model
-from medformer_core.data import DatasetInfo
-from medformer_core.plugins import registries
-from medformer_core.schedule import warmup_cosine
+from medformer_core.api.data import DatasetInfo
+from medformer_core.api.plugins import registries
+from medformer_core.engine.builders import build_model
+from medformer_core.engine.schedule import warmup_cosine
 
 SMALL = dict(embed_dim=64, depth=2, heads=2, mlp_ratio=2.0, latents=16)
 FITTING = {"default": {}, "conv stems, pooled latents": dict(adapter2d="conv2d", adapter3d="conv3d", latent_pool=True)}

@@ -5,10 +5,10 @@ import pytest
 import torch
 from PIL import Image
 
-from medformer_core.errors import UsageError
-from medformer_core.interfaces import PretextTask
-from medformer_core.multitask import check_tasks_accept
-from medformer_core.plugins import registries
+from medformer_core.api.errors import UsageError
+from medformer_core.api.interfaces import PretextTask
+from medformer_core.api.plugins import registries
+from medformer_core.model.multitask import check_tasks_accept
 
 
 def tasks(*names: str) -> list[PretextTask]:

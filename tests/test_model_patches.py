@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from medformer_core.patches import grid_shape, pad_to_multiple, patchify, sincos_position_embedding, unpatchify
+from medformer_core.model.patches import grid_shape, pad_to_multiple, patchify, sincos_position_embedding, unpatchify
 
 
 @pytest.mark.parametrize("size, patch", [((8, 12), (4, 4)), ((6, 7, 9), (2, 2, 2)), ((30, 30), (4, 4))])

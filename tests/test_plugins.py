@@ -4,7 +4,7 @@ import json
 import textwrap
 
 from medformer_core import hookimpl
-from medformer_core.plugins import plugin_manager, registries
+from medformer_core.api.plugins import plugin_manager, registries
 from medformer_plugins.phantoms import Phantoms
 
 
@@ -117,7 +117,7 @@ def test_environment_variable_restricts_external_plugins(tmp_path, fresh_plugins
     fresh_plugins.setenv("MEDFORMER_LOAD_PLUGINS", "some_other_plugin")
     assert registries().broken == []
     fresh_plugins.setenv("MEDFORMER_LOAD_PLUGINS", "medformer-broken")  # a distribution name works too
-    from medformer_core import plugins
+    from medformer_core.api import plugins
 
     plugins.reset()
     assert [b.plugin for b in registries().broken] == ["broken_plugin"]

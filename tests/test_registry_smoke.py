@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from medformer_core import hookimpl
-from medformer_core.interfaces import OutputSpec, PretextTask, TaskResult, View
-from medformer_core.model import module_key
-from medformer_core.multitask import MultitaskModel
-from medformer_core.plugins import plugin_manager, registries
+from medformer_core.api.interfaces import OutputSpec, PretextTask, TaskResult, View
+from medformer_core.api.plugins import plugin_manager, registries
+from medformer_core.model.medformer import module_key
+from medformer_core.model.multitask import MultitaskModel
 
 
 def parameters_the_loss_uses(model: MultitaskModel, task: PretextTask, dataset: str,

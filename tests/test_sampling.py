@@ -6,9 +6,9 @@ import json
 import numpy as np
 import pytest
 
-from medformer_core.data import DatasetInfo, ImageSplit
-from medformer_core.errors import UsageError
-from medformer_core.sampling import MultiDatasetSampler
+from medformer_core.api.data import DatasetInfo, ImageSplit
+from medformer_core.api.errors import UsageError
+from medformer_core.engine.sampling import MultiDatasetSampler
 
 
 def take(sampler, steps):

@@ -5,12 +5,12 @@ import math
 
 import torch
 
-from medformer_core.builders import build_model
-from medformer_core.context import TaskContext
-from medformer_core.data import DatasetInfo
-from medformer_core.multitask import ModelTaskContext
-from medformer_core.patches import grid_shape, patchify, unpatchify
-from medformer_core.plugins import registries
+from medformer_core.api.context import TaskContext
+from medformer_core.api.data import DatasetInfo
+from medformer_core.api.plugins import registries
+from medformer_core.engine.builders import build_model
+from medformer_core.model.multitask import ModelTaskContext
+from medformer_core.model.patches import grid_shape, patchify, unpatchify
 
 INFO = DatasetInfo("fake", spatial_dims=2, channels=1, size=(16, 16))
 MEMBERS = [name for name in vars(TaskContext) if not name.startswith("_")]

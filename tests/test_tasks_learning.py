@@ -10,7 +10,7 @@ under rotations and axis swaps, so rotation or slice axis could not be learned b
 import pytest
 import torch
 
-from medformer_core.plugins import registries
+from medformer_core.api.plugins import registries
 
 STEPS = 30
 # Tasks that cannot show learning in this test, with the reason (none today).

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from medformer_core.data import DatasetInfo
-from medformer_core.errors import UsageError
-from medformer_core.multitask import ModelTaskContext
-from medformer_core.plugins import registries
+from medformer_core.api.data import DatasetInfo
+from medformer_core.api.errors import UsageError
+from medformer_core.api.plugins import registries
+from medformer_core.model.multitask import ModelTaskContext
 from medformer_plugins.task_contrastive import nt_xent
 from medformer_plugins.task_domain_adversarial import reverse_gradient
 from medformer_plugins.task_jigsaw import GRIDS, maximal_hamming_permutations, shuffle_tiles

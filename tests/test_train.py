@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from medformer_core import hookimpl
-from medformer_core.plugins import plugin_manager, registries
+from medformer_core.api.plugins import plugin_manager, registries
 from medformer_plugins.task_rotation import Rotation
 
 TINY_MODEL = ["--model-option", "embed_dim=32", "--model-option", "depth=1", "--model-option", "heads=2",

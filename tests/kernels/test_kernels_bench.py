@@ -7,7 +7,7 @@ import torch
 from typer.testing import CliRunner
 
 from medformer_cli.bench import app
-from medformer_core.errors import UsageError
+from medformer_core.api.errors import UsageError
 from medformer_kernels import bench
 
 

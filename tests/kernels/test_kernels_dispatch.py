@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import medformer_kernels
-from medformer_core.errors import UsageError
+from medformer_core.api.errors import UsageError
 from medformer_kernels import attention, backend, dispatch, patch_embed
 from medformer_kernels.checks import KernelArgumentError
 
@@ -106,7 +106,7 @@ def test_import_needs_no_triton():
 import sys
 sys.modules["triton"] = None  # makes `import triton` raise ImportError
 import os, torch, medformer_kernels
-from medformer_core.errors import UsageError
+from medformer_core.api.errors import UsageError
 q = torch.randn(1, 1, 3, 16)
 assert medformer_kernels.attention(q, q, q).shape == (1, 1, 3, 16)
 assert medformer_kernels.patch_embed(torch.randn(1, 1, 4, 4), torch.randn(8, 1, 2, 2), None, None, 2).shape == (1, 4, 8)

@@ -5,9 +5,17 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from medformer_core import hookimpl
-from medformer_core.data import DatasetInfo, DatasetOptions, ImageSplit
-from medformer_core.interfaces import DatasetFactory, OutputSpec, PretextTask, TaskResult, View
+from medformer_core import (
+    DatasetFactory,
+    DatasetInfo,
+    DatasetOptions,
+    ImageSplit,
+    OutputSpec,
+    PretextTask,
+    TaskResult,
+    View,
+    hookimpl,
+)
 
 
 class NoiseImages(DatasetFactory):

@@ -4,8 +4,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from medformer_core.errors import PluginConflictError
-from medformer_core.lookup import lookup
+from medformer_core.api.errors import PluginConflictError
+from medformer_core.api.lookup import lookup
 
 T = TypeVar("T")
 

@@ -1,7 +1,7 @@
 """`TaskContext`: what a pretext task may use of the model while it works on one dataset's batch.
 
 Part of the plugin API: `PretextTask` methods receive a TaskContext, never the model, so a task
-depends only on this protocol. The engine passes `medformer_core.multitask.ModelTaskContext`; a
+depends only on this protocol. The engine passes `medformer_core.model.multitask.ModelTaskContext`; a
 test may pass any object with these members.
 """
 
@@ -9,7 +9,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from medformer_core.data import DatasetInfo
+from medformer_core.api.data import DatasetInfo
 
 
 @runtime_checkable

@@ -1,6 +1,6 @@
 """Fine-tuning, linear probing and from-scratch training on one labeled dataset, on the engine.
 
-A fine-tune is a run of the same loop as pretraining (`medformer_core.engine`) with one dataset,
+A fine-tune is a run of the same loop as pretraining (`medformer_core.engine.loop`) with one dataset,
 the `supervised` task and a validation on val every `eval_every` epochs that keeps the best
 weights. Each epoch is a seeded permutation of the labeled train split in full batches. Every
 validation is checkpointed, so `--resume` continues a killed fine-tune exactly. A run directory
@@ -21,21 +21,21 @@ import numpy as np
 import torch
 from safetensors.torch import load_model
 
-from medformer_core.augment import Augment
-from medformer_core.builders import build_model
-from medformer_core.checkpoint import save_model_atomically
-from medformer_core.config import write_toml
-from medformer_core.datasets import resolve_dataset
-from medformer_core.devices import resolve_device
-from medformer_core.engine import Engine, LoopSettings
-from medformer_core.errors import CheckpointError, RunStopped, UsageError
-from medformer_core.evaluation import medmnist_metrics, predict_split
-from medformer_core.model import ModelConfig, read_export_config
-from medformer_core.multitask import MultitaskModel
-from medformer_core.plugins import registries
-from medformer_core.sampling import MultiDatasetSampler
-from medformer_core.schedule import warmup_cosine
-from medformer_core.weighting import make_weighting
+from medformer_core.api.datasets import resolve_dataset
+from medformer_core.api.errors import CheckpointError, RunStopped, UsageError
+from medformer_core.api.plugins import registries
+from medformer_core.engine.augment import Augment
+from medformer_core.engine.builders import build_model
+from medformer_core.engine.checkpoint import save_model_atomically
+from medformer_core.engine.config import write_toml
+from medformer_core.engine.devices import resolve_device
+from medformer_core.engine.evaluation import medmnist_metrics, predict_split
+from medformer_core.engine.loop import Engine, LoopSettings
+from medformer_core.engine.sampling import MultiDatasetSampler
+from medformer_core.engine.schedule import warmup_cosine
+from medformer_core.engine.weighting import make_weighting
+from medformer_core.model.medformer import ModelConfig, read_export_config
+from medformer_core.model.multitask import MultitaskModel
 
 SUPERVISED_TASK = "supervised"
 PROBE_LR = 1e-2  # the default learning rate of a linear probe (only the head trains)

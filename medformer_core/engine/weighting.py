@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from medformer_core.errors import UsageError
+from medformer_core.api.errors import UsageError
 
 WEIGHTINGS = ("fixed", "uncertainty")
 

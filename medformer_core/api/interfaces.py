@@ -13,14 +13,14 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from medformer_core.data import DatasetInfo, DatasetOptions, ImageSplit
-from medformer_core.errors import UsageError
-from medformer_core.lookup import unknown_name
+from medformer_core.api.data import DatasetInfo, DatasetOptions, ImageSplit
+from medformer_core.api.errors import UsageError
+from medformer_core.api.lookup import unknown_name
 
 if TYPE_CHECKING:
     import torch
 
-    from medformer_core.context import TaskContext
+    from medformer_core.api.context import TaskContext
 
 
 class PluginObject(ABC):
@@ -154,7 +154,7 @@ class PretextTask(PluginObject):
     It never owns the training loop. A task implements `output_spec`, `make_view` and `loss`; the
     default `forward` runs make_view -> ctx.encode -> ctx.decode -> loss, and a task whose flow
     differs (several encodes, a gradient reversal) overrides `forward` instead of the last two.
-    `ctx` is a `medformer_core.context.TaskContext`.
+    `ctx` is a `medformer_core.api.context.TaskContext`.
 
     Options are a frozen dataclass `Options` (defaults and `__post_init__` checks);
     `task.with_options(weight=2.0, mask_ratio=0.8)` returns a configured copy. `weight` scales the

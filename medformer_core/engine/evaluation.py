@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from medmnist.evaluator import getACC, getAUC
 
-from medformer_core.data import ImageSplit
+from medformer_core.api.data import ImageSplit
 
 
 def medmnist_metrics(y_true: np.ndarray, y_score: np.ndarray, task: str) -> dict[str, float]:

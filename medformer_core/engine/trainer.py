@@ -12,21 +12,21 @@ from pathlib import Path
 
 import torch
 
-from medformer_core.augment import Augment
-from medformer_core.builders import build_model
-from medformer_core.config import RunConfig, write_config
-from medformer_core.data import ImageSplit
-from medformer_core.datasets import resolve_dataset
-from medformer_core.engine import METRICS_FILE, Engine, LoopSettings
-from medformer_core.errors import UsageError
-from medformer_core.files import atomic_write
-from medformer_core.knn import KnnMonitor
-from medformer_core.multitask import MultitaskModel, check_tasks_accept
-from medformer_core.plots import plot_knn
-from medformer_core.plugins import registries
-from medformer_core.sampling import MultiDatasetSampler
-from medformer_core.schedule import warmup_cosine
-from medformer_core.weighting import make_weighting
+from medformer_core.api.data import ImageSplit
+from medformer_core.api.datasets import resolve_dataset
+from medformer_core.api.errors import UsageError
+from medformer_core.api.files import atomic_write
+from medformer_core.api.plugins import registries
+from medformer_core.engine.augment import Augment
+from medformer_core.engine.builders import build_model
+from medformer_core.engine.config import RunConfig, write_config
+from medformer_core.engine.knn import KnnMonitor
+from medformer_core.engine.loop import METRICS_FILE, Engine, LoopSettings
+from medformer_core.engine.sampling import MultiDatasetSampler
+from medformer_core.engine.schedule import warmup_cosine
+from medformer_core.engine.weighting import make_weighting
+from medformer_core.model.multitask import MultitaskModel, check_tasks_accept
+from medformer_core.reporting.plots import plot_knn
 
 PICTURE_SAMPLES = 4
 KNN_MAX_TRAIN = 2000  # train samples in the kNN monitor's memory bank (a stratified subset)

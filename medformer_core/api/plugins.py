@@ -12,11 +12,11 @@ from functools import cache
 
 import pluggy
 
-from medformer_core import hookspecs
-from medformer_core.errors import MedformerError
-from medformer_core.interfaces import DatasetFactory, InputAdapter, OutputHead, PretextTask
-from medformer_core.lookup import lookup, unknown_name
-from medformer_core.registry import Provider, Registry
+from medformer_core.api import hookspecs
+from medformer_core.api.errors import MedformerError
+from medformer_core.api.interfaces import DatasetFactory, InputAdapter, OutputHead, PretextTask
+from medformer_core.api.lookup import lookup, unknown_name
+from medformer_core.api.registry import Provider, Registry
 
 ENTRY_POINT_GROUP = "medformer"
 LOAD_PLUGINS_ENV = "MEDFORMER_LOAD_PLUGINS"

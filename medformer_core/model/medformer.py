@@ -34,12 +34,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from medformer_core.blocks import Block, CrossBlock, init_weights
-from medformer_core.errors import CheckpointError, UsageError
-from medformer_core.interfaces import InputAdapter, InputSpec
-from medformer_core.lookup import lookup, unknown_name
-from medformer_core.patches import grid_shape, sincos_position_embedding
-from medformer_core.registry import Registry
+from medformer_core.api.errors import CheckpointError, UsageError
+from medformer_core.api.interfaces import InputAdapter, InputSpec
+from medformer_core.api.lookup import lookup, unknown_name
+from medformer_core.api.registry import Registry
+from medformer_core.model.blocks import Block, CrossBlock, init_weights
+from medformer_core.model.patches import grid_shape, sincos_position_embedding
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"

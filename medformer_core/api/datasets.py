@@ -7,10 +7,10 @@ environment variable MEDFORMER_DATA_ROOT, then `~/.medmnist` (the medmnist packa
 import os
 from pathlib import Path
 
-from medformer_core.data import DatasetOptions
-from medformer_core.errors import UsageError
-from medformer_core.interfaces import DatasetFactory
-from medformer_core.plugins import registries
+from medformer_core.api.data import DatasetOptions
+from medformer_core.api.errors import UsageError
+from medformer_core.api.interfaces import DatasetFactory
+from medformer_core.api.plugins import registries
 
 DATA_ROOT_ENV = "MEDFORMER_DATA_ROOT"
 DEFAULT_DATA_ROOT = "~/.medmnist"

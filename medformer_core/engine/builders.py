@@ -4,11 +4,11 @@ The model modules take their adapter and head registries as arguments (building 
 plugins); the engine, benchmarks and tests build through here, which passes `registries()`.
 """
 
-from medformer_core.data import DatasetInfo
-from medformer_core.interfaces import PretextTask
-from medformer_core.model import ModelConfig
-from medformer_core.multitask import MultitaskModel, build_multitask_model
-from medformer_core.plugins import registries
+from medformer_core.api.data import DatasetInfo
+from medformer_core.api.interfaces import PretextTask
+from medformer_core.api.plugins import registries
+from medformer_core.model.medformer import ModelConfig
+from medformer_core.model.multitask import MultitaskModel, build_multitask_model
 
 
 def build_model(preset: "str | ModelConfig", datasets: list[DatasetInfo], tasks: list[PretextTask],

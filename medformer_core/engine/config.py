@@ -6,8 +6,8 @@ from pathlib import Path
 
 import tomli_w
 
-from medformer_core.errors import UsageError
-from medformer_core.lookup import unknown_name
+from medformer_core.api.errors import UsageError
+from medformer_core.api.lookup import unknown_name
 
 DEFAULT_TASKS = ("mae", "mae3d", "rotation", "contrastive")
 DEFAULT_DATASETS = ("phantoms2d", "phantoms3d")

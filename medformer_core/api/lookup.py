@@ -4,7 +4,7 @@ from collections.abc import Collection, Mapping
 from difflib import get_close_matches
 from typing import TypeVar
 
-from medformer_core.errors import UnknownNameError
+from medformer_core.api.errors import UnknownNameError
 
 T = TypeVar("T")
 

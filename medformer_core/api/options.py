@@ -10,8 +10,8 @@ import typing
 from collections.abc import Iterable
 from typing import Any, Literal
 
-from medformer_core.errors import UsageError
-from medformer_core.lookup import unknown_name
+from medformer_core.api.errors import UsageError
+from medformer_core.api.lookup import unknown_name
 
 BOOLEANS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
 

@@ -15,8 +15,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from medformer_core.data import ImageSplit
-from medformer_core.errors import UsageError
+from medformer_core.api.data import ImageSplit
+from medformer_core.api.errors import UsageError
 
 
 class MultiDatasetSampler:

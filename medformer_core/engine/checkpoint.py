@@ -13,8 +13,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
-from medformer_core.errors import CheckpointError
-from medformer_core.files import atomic_write
+from medformer_core.api.errors import CheckpointError
+from medformer_core.api.files import atomic_write
 
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
 MODEL_FILE = "model.safetensors"

@@ -2,7 +2,7 @@
 
 import torch
 
-from medformer_core.errors import UsageError
+from medformer_core.api.errors import UsageError
 
 
 def resolve_device(name: str) -> torch.device:

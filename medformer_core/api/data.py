@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medformer_core.errors import UsageError
+from medformer_core.api.errors import UsageError
 
 TASK_TYPES = ("binary-class", "multi-class", "multi-label, binary-class", "ordinal-regression", "none")
 

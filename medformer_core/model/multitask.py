@@ -23,10 +23,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from medformer_core.data import DatasetInfo
-from medformer_core.errors import CheckpointError, UsageError
-from medformer_core.interfaces import InputAdapter, InputSpec, OutputHead, OutputSpec, PretextTask, TaskResult
-from medformer_core.model import (
+from medformer_core.api.data import DatasetInfo
+from medformer_core.api.errors import CheckpointError, UsageError
+from medformer_core.api.interfaces import InputAdapter, InputSpec, OutputHead, OutputSpec, PretextTask, TaskResult
+from medformer_core.api.registry import Registry
+from medformer_core.model.medformer import (
     Medformer,
     ModelConfig,
     OutputAdaptformer,
@@ -36,9 +37,8 @@ from medformer_core.model import (
     module_key,
     read_export_config,
 )
-from medformer_core.patches import grid_shape, patchify, unpatchify
-from medformer_core.pictures import save_picture_grid
-from medformer_core.registry import Registry
+from medformer_core.model.patches import grid_shape, patchify, unpatchify
+from medformer_core.reporting.pictures import save_picture_grid
 
 ENCODER_ONLY_FIELDS = ("drop_path", "decoder_depth")  # config fields an exported encoder need not share
 SHARED_OUTPUT = "all-datasets"  # the key of a task output shared by every dataset (OutputSpec.shared)
@@ -55,7 +55,7 @@ def check_tasks_accept(tasks: list[PretextTask], datasets: list[DatasetInfo]) ->
         missing = task.unimplemented()
         if missing:
             raise UsageError(f"task '{task.name}' cannot train: it does not implement {', '.join(missing)}",
-                             hint="see medformer_core.interfaces.PretextTask")
+                             hint="see medformer_core.api.interfaces.PretextTask")
         reasons = [(info.name, task.reject_reason(info, datasets)) for info in datasets]
         if all(reason is not None for _, reason in reasons):
             listed = "; ".join(f"{name} ({reason})" for name, reason in reasons)

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medformer_core.data import ImageSplit, stratified_subset
-from medformer_core.evaluation import medmnist_metrics
+from medformer_core.api.data import ImageSplit, stratified_subset
+from medformer_core.engine.evaluation import medmnist_metrics
 
 MULTI_LABEL = "multi-label, binary-class"
 SINGLE_LABEL = ("multi-class", "binary-class", "ordinal-regression")

@@ -20,13 +20,13 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from medformer_core.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from medformer_core.devices import resolve_device
-from medformer_core.distributed import DistInfo, any_rank, init_distributed, shutdown_distributed
-from medformer_core.errors import TrainingError, UsageError
-from medformer_core.files import atomic_write
-from medformer_core.plots import plot_task_losses
-from medformer_core.progress import TrainingProgress
+from medformer_core.api.errors import TrainingError, UsageError
+from medformer_core.api.files import atomic_write
+from medformer_core.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from medformer_core.engine.devices import resolve_device
+from medformer_core.engine.distributed import DistInfo, any_rank, init_distributed, shutdown_distributed
+from medformer_core.reporting.plots import plot_task_losses
+from medformer_core.reporting.progress import TrainingProgress
 
 METRICS_FILE = "metrics.jsonl"
 

@@ -1,0 +1,2 @@
+"""The engine: the training loop, pretraining, sampling, schedules, checkpoints, DDP, configs and
+evaluation."""

@@ -1,0 +1,1 @@
+"""The Medformer: blocks, patches, the encoder and the multitask model with its task outputs."""

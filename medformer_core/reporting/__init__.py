@@ -1,0 +1,1 @@
+"""Reporting: the progress line, metric plots and sample pictures."""
