@@ -7,6 +7,7 @@
 - embedding: pools the queries, then a SimCLR projection MLP -> [B, out_dim].
 """
 
+import inspect
 import math
 
 import torch
@@ -65,21 +66,30 @@ class EmbeddingHead(nn.Module):
 class Head(OutputHead):
     """Registers one head module class under a name."""
 
-    def __init__(self, name: str, module: type[nn.Module], description: str, example_spec: dict):
+    def __init__(self, name: str, module: type[nn.Module], description: str, example_spec: dict, prediction: str):
         self.name = name
         self.module = module
         self.description = description
         self.example_spec = example_spec
+        self.prediction = prediction
 
     def build(self, *, embed_dim: int, **spec) -> nn.Module:
         return self.module(embed_dim, **spec)
+
+    def spec_parameters(self) -> list[inspect.Parameter]:
+        return list(inspect.signature(self.module).parameters.values())[1:]  # after embed_dim
 
 
 @hookimpl
 def register_adapters(register):
     register(Head("label", LabelHead, "Class logits (binary, multi-class, multi-label; CORAL for ordinal)",
-                  {"num_outputs": 3}))
+                  {"num_outputs": 3},
+                  "logits [B, num_outputs] from the task's queries, pooled (a label task asks for one query); "
+                  "with ordinal, cumulative logits: logit k for P(y > k)"))
     register(Head("dense", DenseHead, "Pixels/voxels of each output patch, one query per patch",
-                  {"channels": 2, "patch_size": (4, 4, 4)}))
+                  {"channels": 2, "patch_size": (4, 4, 4)},
+                  "patches [B, Q, channels * prod(patch_size)], one row of pixels per query; with "
+                  "queries='patches' Q is the dataset's patch grid (or the positions the task picks, e.g. "
+                  "MAE's masked patches) and the model fills in channels and patch_size"))
     register(Head("embedding", EmbeddingHead, "Projection MLP to an embedding (contrastive tasks)",
-                  {"out_dim": 16}))
+                  {"out_dim": 16}, "embedding [B, out_dim] from the task's queries, pooled"))

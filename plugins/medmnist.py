@@ -13,12 +13,14 @@ from medformer_core import (
     DatasetInfo,
     DatasetOptions,
     ImageSplit,
+    MedformerError,
     UsageError,
     hookimpl,
     stratified_subset,
 )
 from medformer_core.api.datasets import default_data_root
 from medformer_plugins.medmnist_files import (
+    INSTALL,
     SPLITS,
     NpzFile,
     Variant,
@@ -33,16 +35,20 @@ from medformer_plugins.medmnist_files import (
 
 
 class MedMNIST(DatasetFactory):
-    """One MedMNIST file (dataset at one size)."""
+    """One MedMNIST file (dataset at one size). Without the medmnist package it is still registered, and
+    using it says how to install the package."""
 
     def __init__(self, variant: Variant):
-        meta = variant.meta
         self.variant = variant
         self.name = variant.name
         self.spatial_dims = (variant.spatial_dims,)
+        try:
+            meta = variant.meta
+        except MedformerError:
+            self.description = f"MedMNIST {variant.flag}: needs `{INSTALL}`"
+            return
         self.channels = meta["n_channels"]
-        grid = "x".join([str(variant.size)] * variant.spatial_dims)
-        self.description = f"MedMNIST {meta['python_class']} {grid}: {meta['task']}, {len(meta['label'])} classes"
+        self.description = f"{meta['python_class']}: {meta['task']}, {len(meta['label'])} classes"
 
     def info(self, options: DatasetOptions) -> DatasetInfo:
         meta = self.variant.meta

@@ -19,21 +19,31 @@ from pathlib import Path
 
 import numpy as np
 
-from medformer_core import DataError, UsageError, atomic_write
+from medformer_core import DataError, MedformerError, UsageError, atomic_write
 
 SPLITS = ("train", "val", "test")
 KEYS = tuple(f"{split}_{part}" for split in SPLITS for part in ("images", "labels"))
 MMAP_THRESHOLD = 256 * 2**20
 CACHE_ENV = "MEDFORMER_CACHE_DIR"
 MMAP_MODES = ("auto", "always", "never")
+# The datasets and sizes of medmnist 3.0.2, known without the package so that a name used without it
+# says how to install it (tests check them against medmnist.INFO).
+FLAGS = ("pathmnist", "chestmnist", "dermamnist", "octmnist", "pneumoniamnist", "retinamnist", "breastmnist",
+         "bloodmnist", "tissuemnist", "organamnist", "organcmnist", "organsmnist", "organmnist3d", "nodulemnist3d",
+         "adrenalmnist3d", "fracturemnist3d", "vesselmnist3d", "synapsemnist3d")
+SIZES = {2: (28, 64, 128, 224), 3: (28, 64)}
+INSTALL = "pip install --no-deps medmnist==3.0.2"
 
 
-def info_table() -> dict:
-    """`medmnist.INFO` (the medmnist package is installed without torchvision; only metadata is used)."""
+def info_table(user: str = "MedMNIST") -> dict:
+    """`medmnist.INFO` (the medmnist package is installed without torchvision; only metadata is used).
+    Without the package, a MedformerError says that `user` needs it and how to install it."""
     try:
         from medmnist.info import INFO
-    except ImportError as exc:
-        raise ImportError("the medmnist package is missing: pip install --no-deps medmnist==3.0.2") from exc
+    except ImportError:
+        raise MedformerError(f"{user} needs the medmnist package, which is not installed",
+                             hint=f"install it with `{INSTALL}`; --no-deps keeps its torchvision dependency "
+                                  "from installing a second torch") from None
     return INFO
 
 
@@ -55,7 +65,7 @@ class Variant:
 
     @property
     def meta(self) -> dict:
-        return info_table()[self.flag]
+        return info_table(f"dataset '{self.name}'")[self.flag]
 
     @property
     def spatial_dims(self) -> int:
@@ -75,12 +85,11 @@ class Variant:
 
 def sizes_offered(flag: str) -> tuple[int, ...]:
     """The sizes `medmnist.INFO` lists a file for: (28, 64, 128, 224) in 2D, (28, 64) in 3D."""
-    meta = info_table()[flag]
-    return (28,) + tuple(int(key[4:]) for key in meta if key.startswith("url_"))
+    return SIZES[Variant(flag, 28).spatial_dims]
 
 
 def all_variants() -> list[Variant]:
-    return [Variant(flag, size) for flag in info_table() for size in sizes_offered(flag)]
+    return [Variant(flag, size) for flag in FLAGS for size in sizes_offered(flag)]
 
 
 def locate(variant: Variant, data_root: Path) -> Path:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
+import typing
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -16,6 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from medformer_core.api.data import DatasetInfo, DatasetOptions, ImageSplit
 from medformer_core.api.errors import UsageError
 from medformer_core.api.lookup import unknown_name
+from medformer_core.api.options import convert, describe, settings_of
 
 if TYPE_CHECKING:
     import torch
@@ -71,20 +74,36 @@ class InputAdapter(PluginObject):
 class OutputHead(PluginObject):
     """Maps output-query features [B, Q, E] to a task's prediction.
 
-    `example_spec` is a spec its `build` accepts (the registry's smoke test builds every head with it).
+    `example_spec` is a spec its `build` accepts (the registry's smoke test builds every head with it);
+    `prediction` says what the built module returns, e.g. "logits [B, num_outputs]".
     """
 
     kind = "output-head"
     example_spec: ClassVar[dict] = {}
+    prediction: str = ""
 
     @abstractmethod
     def build(self, *, embed_dim: int, **spec):
         """Return an `nn.Module` for this head; `spec` comes from the pretext task."""
 
+    def spec_parameters(self) -> list[inspect.Parameter]:
+        """The keys of the `spec` that `build` takes (a task's `OutputSpec.options`), with defaults."""
+        return [p for p in inspect.signature(self.build).parameters.values()
+                if p.kind is p.KEYWORD_ONLY and p.name != "embed_dim"]
+
 
 @dataclass(frozen=True)
 class InputSpec:
-    """An input the model must embed: 2D or 3D, its channel count and native size."""
+    """An input the model must embed: 2D or 3D, its channel count and native size.
+
+    spatial_dims: 2 for images [B, C, H, W], 3 for volumes [B, C, D, H, W].
+    channels:     C.
+    size:         the native spatial size, (H, W) or (D, H, W).
+
+    The model embeds every dataset's own input; a task that feeds the encoder another kind of input
+    (e.g. 2D slices of a 3D dataset) declares it in `PretextTask.extra_inputs`, so the model builds
+    an input adapter for it.
+    """
 
     spatial_dims: int
     channels: int
@@ -93,15 +112,23 @@ class InputSpec:
 
 @dataclass(frozen=True)
 class OutputSpec:
-    """What a task needs from the Output Adaptformer for one dataset.
+    """What a task needs from the Output Adaptformer for one dataset (`PretextTask.output_spec`).
 
-    head:    a registered output head ("label", "dense", "embedding", or a plugin's).
-    queries: the number of learned queries, or "patches": one query per patch of the dataset's
-             grid, built from the position embeddings (dense outputs; the model then passes
-             `channels` and `patch_size` to the head).
-    options: keyword arguments for the head's `build` (e.g. num_outputs=4).
+    head:    a registered output head; it decides what `ctx.decode` returns (the task's
+             `prediction`). Built-ins: "label" -> logits [B, num_outputs] (queries pooled; with
+             ordinal=True, CORAL cumulative logits), "dense" -> pixels [B, Q, C * prod(patch)],
+             "embedding" -> [B, out_dim] (queries pooled, then a projection MLP).
+    queries: the number of learned queries (1 for a label or an embedding), or "patches": one
+             query per patch of the dataset's grid, built from the position embeddings (dense
+             outputs; the model then passes `channels` and `patch_size` to the head, and
+             `View.positions` picks which patches are queried).
+    options: keyword arguments for the head's `build`, e.g. {"num_outputs": 4} for "label",
+             {"out_dim": 128} for "embedding".
     shared:  one output for every dataset the task runs on (their specs must agree), e.g. a
-             domain classifier; otherwise each dataset gets its own.
+             domain classifier; otherwise each (task, dataset) pair gets its own.
+
+    E.g. `OutputSpec("label", queries=1, options={"num_outputs": 4})` for a 4-class task,
+    `OutputSpec("dense", queries="patches")` for a reconstruction.
     """
 
     head: str
@@ -112,12 +139,19 @@ class OutputSpec:
 
 @dataclass
 class View:
-    """What a task feeds the model, and what it compares the prediction with.
+    """What a task feeds the model (`make_view`), and what its `loss` compares the prediction with.
 
-    image:     [B', C, *S] the input view the encoder sees.
-    target:    anything the task's `loss` needs.
-    keep:      [B', n_keep] int64 visible patches (MAE), or None for all.
-    positions: [B', Q] int64 patches the dense queries sit at, or None for every patch.
+    image:     [B', C, *S] float, the input view the encoder sees: shaped like the batch's
+               dataset (or like an input the task declares in `extra_inputs`). B' may differ from
+               the batch's B, e.g. two views concatenated to [2B, C, *S].
+    target:    anything the task's `loss` needs (class indices [B'], the clean image, ...); the
+               model never reads it.
+    keep:      [B', n_keep] int64 indices of the patches to embed, row-major over the padded
+               patch grid (the order of `ctx.patchify`), e.g. MAE's visible patches; None embeds
+               every patch.
+    positions: [B', Q] int64 patches the dense queries sit at (same indexing); the dense
+               prediction is then [B', Q, C * prod(patch)]. None queries every patch (Q = N).
+               Only for outputs with queries="patches".
     """
 
     image: torch.Tensor
@@ -128,7 +162,15 @@ class View:
 
 @dataclass
 class TaskResult:
-    """One task's outcome on one batch: the unweighted scalar `loss` and float `metrics`."""
+    """One task's outcome on one batch (what `loss` and `forward` return).
+
+    loss:    a 0-dim tensor that carries the gradient, unweighted: the engine applies the task's
+             `weight` and the run's loss weighting, and ends the run on a non-finite loss.
+    metrics: name -> float for this batch (e.g. {"accuracy": 0.75}; use `.item()`), logged beside
+             the loss in the progress table and `metrics.jsonl`.
+
+    `classification_result(logits, target)` builds one for a cross-entropy task.
+    """
 
     loss: torch.Tensor
     metrics: dict[str, float] = field(default_factory=dict)
@@ -141,6 +183,15 @@ def classification_result(logits: torch.Tensor, target: torch.Tensor) -> TaskRes
 
     accuracy = (logits.argmax(dim=1) == target).float().mean()
     return TaskResult(F.cross_entropy(logits, target), {"accuracy": accuracy.item()})
+
+
+def option_text(value: Any) -> str:
+    """A task option's value as text, as `--task-option` gives it: true/false, none, A:B for a tuple."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (tuple, list)):
+        return ":".join(map(option_text, value))
+    return "none" if value is None else str(value)
 
 
 @dataclass(frozen=True)
@@ -156,8 +207,10 @@ class PretextTask(PluginObject):
     differs (several encodes, a gradient reversal) overrides `forward` instead of the last two.
     `ctx` is a `medformer_core.api.context.TaskContext`.
 
-    Options are a frozen dataclass `Options` (defaults and `__post_init__` checks);
-    `task.with_options(weight=2.0, mask_ratio=0.8)` returns a configured copy. `weight` scales the
+    Options are a frozen dataclass `Options` (typed fields with defaults; range checks in
+    `__post_init__` raise ValueError); `task.with_options(weight=2.0, mask_ratio=0.8)` returns a
+    configured copy, each value checked and converted to its field's type (int, float, bool, str,
+    tuples, Literal choices), from text too ("0.8", "true", "0:2"). `weight` scales the
     task's loss in the engine's weighting; `loss` itself is always unweighted. All randomness
     comes from the `generator` passed in, so a seeded run is reproducible.
     """
@@ -170,24 +223,42 @@ class PretextTask(PluginObject):
         self.weight = float(weight)
         self.options = self._make_options(options)
 
-    def _make_options(self, options: dict):
-        known = [f.name for f in dataclasses.fields(self.Options)]
-        for key in options:
+    def _make_options(self, options: dict, base: Any = None):
+        """`base` (an `Options`; None: the defaults) with `options` replaced, each checked and
+        converted to its field's type (values may be given as text, e.g. "0.8" or "true")."""
+        known = settings_of(self.Options)
+        kinds = typing.get_type_hints(self.Options)
+        typed = {}
+        for key, value in options.items():
             if key not in known:
                 raise unknown_name(f"task '{self.name}' has no option '{key}'", key, known)
+            try:
+                typed[key] = convert(option_text(value), kinds[key])
+            except ValueError:
+                raise UsageError(f"task '{self.name}': option '{key}' must be {describe(kinds[key])}, got '{value}'",
+                                 hint=self._options_hint(key)) from None
         try:
-            return self.Options(**options)
-        except (TypeError, ValueError) as exc:
-            raise UsageError(f"task '{self.name}': {exc}") from None
+            return dataclasses.replace(base, **typed) if base is not None else self.Options(**typed)
+        except ValueError as exc:  # a range check in the options' __post_init__
+            raise UsageError(f"task '{self.name}': {exc}", hint=self._options_hint()) from None
+
+    def _options_hint(self, key: str | None = None) -> str:
+        """Where the user sees this task's options (and the default of option `key`)."""
+        default = f"the default is {option_text(getattr(self.Options(), key))}; " if key else ""
+        return f"{default}see the options with `medformer plugins show {self.name}`"
 
     def with_options(self, weight: float | None = None, **options) -> PretextTask:
         """A copy with `weight` and options replaced (the others keep their values)."""
         task = copy.copy(self)
         if weight is not None:
+            try:
+                weight = float(weight)
+            except (TypeError, ValueError):
+                raise UsageError(f"task '{self.name}': weight must be a number, got '{weight}'") from None
             if weight < 0:
                 raise UsageError(f"task '{self.name}': weight must be >= 0, got {weight}")
-            task.weight = float(weight)
-        task.options = self._make_options({**dataclasses.asdict(self.options), **options})
+            task.weight = weight
+        task.options = self._make_options(options, self.options)
         return task
 
     def reject_reason(self, info: DatasetInfo, run: list[DatasetInfo]) -> str | None:

@@ -9,10 +9,12 @@ from medformer_core.api.errors import UnknownNameError
 T = TypeVar("T")
 
 
-def unknown_name(message: str, name: str, known: Collection[str], hint: str | None = None) -> UnknownNameError:
+def unknown_name(message: str, name: str, known: Collection[str], hint: str | None = None,
+                 cutoff: float = 0.5) -> UnknownNameError:
     """The error for `name`, which is not in `known`: `message`, then "; did you mean 'a', 'b'?" when
-    known names are close. The hint is `hint`, else (nothing close) the known names."""
-    close = get_close_matches(name, list(known), n=3, cutoff=0.5)
+    known names are close (difflib similarity >= `cutoff`). The hint is `hint`, else (nothing close)
+    the known names."""
+    close = get_close_matches(name, list(known), n=3, cutoff=cutoff)
     if close:
         return UnknownNameError(f"{message}; did you mean {', '.join(map(repr, close))}?", hint=hint)
     return UnknownNameError(message, hint=hint or (f"choose one of: {', '.join(known)}" if known else "there are none"))

@@ -4,9 +4,9 @@ import math
 
 import numpy as np
 import torch
-from medmnist.evaluator import getACC, getAUC
 
 from medformer_core.api.data import ImageSplit
+from medformer_core.api.errors import MedformerError
 
 
 def medmnist_metrics(y_true: np.ndarray, y_score: np.ndarray, task: str) -> dict[str, float]:
@@ -14,6 +14,11 @@ def medmnist_metrics(y_true: np.ndarray, y_score: np.ndarray, task: str) -> dict
 
     AUC is NaN when the labels hold a single class (it is undefined there).
     """
+    try:  # imported here: every other command runs without the medmnist package
+        from medmnist.evaluator import getACC, getAUC
+    except ImportError:
+        raise MedformerError("test metrics need the medmnist package, which is not installed",
+                             hint="install it with `pip install --no-deps medmnist==3.0.2`") from None
     try:
         auc = float(getAUC(y_true, y_score, task))
     except ValueError:
