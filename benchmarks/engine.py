@@ -65,7 +65,7 @@ def main() -> None:
     bare, engine = max(bare_rates), max(engine_rates)
     print(f"bare loop: {bare:.1f} samples/s; engine: {engine:.1f} samples/s; "
           f"engine overhead {100 * (bare / engine - 1):+.1f}% ({args.steps} steps, best of {args.rounds}, "
-          f"{torch.get_num_threads()} threads, default run: {', '.join(config.plugins)} "
+          f"{torch.get_num_threads()} threads, default run: {', '.join(trainer.config.plugins)} "
           f"on {', '.join(config.datasets)})")
 
 

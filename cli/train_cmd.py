@@ -12,7 +12,7 @@ from medformer_cli.console import err, out
 from medformer_core.api.errors import RunStopped, UsageError
 from medformer_core.api.options import split_pairs
 from medformer_core.engine.config import RunConfig, load_config
-from medformer_core.engine.loop import RunSummary
+from medformer_core.engine.loop import SUMMARY_BATCHES, RunSummary
 from medformer_core.engine.trainer import Trainer
 
 
@@ -39,9 +39,10 @@ def _task_weights(pairs: list[str] | None) -> dict[str, float]:
 
 
 def _task_options(pairs: list[str] | None) -> dict[str, dict]:
-    """`--task-option mae.mask_ratio=0.8` -> {"mae": {"mask_ratio": 0.8}}."""
+    """`--task-option mae.mask_ratio=0.8` -> {"mae": {"mask_ratio": "0.8"}}; the task converts each
+    value to its option's type."""
     options: dict[str, dict] = {}
-    for key, value in _toml_values(split_pairs(pairs, "--task-option", "--task-option mae.mask_ratio=0.8")).items():
+    for key, value in split_pairs(pairs, "--task-option", "--task-option mae.mask_ratio=0.8").items():
         task, dot, name = key.partition(".")
         if not dot:
             raise UsageError(f"--task-option '{key}={value}' needs TASK.OPTION=VALUE", hint="e.g. mae.mask_ratio=0.8")
@@ -51,7 +52,8 @@ def _task_options(pairs: list[str] | None) -> dict[str, dict]:
 
 def train(
     plugin: list[str] = typer.Option(None, "--plugin", "-p",
-                                     help="A pretext task (repeat). Default: mae, mae3d, rotation, contrastive."),
+                                     help="A pretext task (repeat). Default: those of mae, mae3d, rotation, "
+                                          "contrastive that accept a dataset of the run."),
     dataset: list[str] = typer.Option(None, "--dataset", "-d",
                                       help="A dataset name, NAME:ARG or a folder (repeat). "
                                            "Default: phantoms2d, phantoms3d."),
@@ -106,11 +108,14 @@ def train(
 
 
 def print_summary(summary: RunSummary, config: RunConfig) -> None:
-    table = Table(title=f"run {summary.run_dir}")
-    for column in ("task", "first loss", "last loss"):
+    """Per (task, dataset): the mean loss of its first and last batches, and its last metrics."""
+    table = Table(title=f"run {summary.run_dir}",
+                  caption=f"means over each row's first and last (up to) {SUMMARY_BATCHES} batches")
+    for column in ("task", "dataset", "first loss", "last loss", "last metrics"):
         table.add_column(column)
-    for name in sorted(summary.last_losses):
-        table.add_row(name, f"{summary.first_losses[name]:.4f}", f"{summary.last_losses[name]:.4f}")
+    for (task, dataset), last in summary.last.items():
+        metrics = " ".join(f"{name} {value:.3f}" for name, value in last.items() if name != "loss")
+        table.add_row(task, dataset, f"{summary.first[task, dataset]['loss']:.4f}", f"{last['loss']:.4f}", metrics)
     out.print(table)
     rate = summary.samples / max(summary.seconds, 1e-9)
     out.print(f"{summary.steps} steps, {summary.samples} samples, {summary.seconds:.1f} s ({rate:.0f} samples/s); "

@@ -8,6 +8,7 @@ import torch
 from medformer_core.api.errors import CheckpointError, UsageError
 from medformer_core.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from medformer_core.engine.config import RunConfig, load_config, write_config
+from medformer_core.engine.loop import FirstLast, MetricWindow, step_losses
 from medformer_core.engine.schedule import warmup_cosine
 from medformer_core.engine.weighting import FixedWeighting, UncertaintyWeighting, make_weighting
 
@@ -125,3 +126,35 @@ def test_warmup_then_cosine():
     assert rates[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
     assert all(a >= b for a, b in zip(rates[3:], rates[4:]))
     assert rates[-1] == pytest.approx(0.1, abs=0.02)
+
+
+def test_metric_window_means_per_task_and_per_dataset():
+    window = MetricWindow()
+    window.add(("flat", {"rotation": {"loss": 1.0, "accuracy": 0.5}, "mae": {"loss": 0.2}}))
+    window.add(("cube", {"rotation": {"loss": 3.0, "accuracy": 0.1}}))
+    window.add(("flat", {"rotation": {"loss": 2.0, "accuracy": 1.0}}))
+    assert window.losses() == {"mae": 0.2, "rotation": 2.0}
+    assert window.overall()["rotation"] == pytest.approx({"loss": 2.0, "accuracy": 1.6 / 3})
+    assert window.per_dataset() == {"mae": {"flat": {"loss": 0.2}},
+                                    "rotation": {"cube": {"loss": 3.0, "accuracy": 0.1},
+                                                 "flat": {"loss": 1.5, "accuracy": 0.75}}}
+    restored = MetricWindow()
+    restored.load_state_dict(window.state_dict())
+    assert restored.per_dataset() == window.per_dataset()
+
+
+def test_summary_averages_each_task_and_dataset_apart_never_one_batch():
+    summary = FirstLast(size=2)
+    for loss in (4.0, 3.0, 2.0, 1.0):  # a 2D rotation (4 classes) ...
+        summary.add(("flat", {"rotation": {"loss": loss, "accuracy": loss / 10}}))
+    for loss in (9.0, 8.0, 7.0):  # ... beside a 3D one (24 classes)
+        summary.add(("cube", {"rotation": {"loss": loss}}))
+    assert summary.means(summary.first) == {("rotation", "cube"): {"loss": 8.5},
+                                            ("rotation", "flat"): pytest.approx({"loss": 3.5, "accuracy": 0.35})}
+    assert summary.means(summary.last) == {("rotation", "cube"): {"loss": 7.5},
+                                           ("rotation", "flat"): pytest.approx({"loss": 1.5, "accuracy": 0.15})}
+
+
+def test_step_losses_average_the_batches_a_task_ran_on():
+    outcomes = [("flat", {"mae": {"loss": 1.0}, "rotation": {"loss": 2.0}}), ("cube", {"rotation": {"loss": 4.0}})]
+    assert step_losses(outcomes) == {"mae": 1.0, "rotation": 3.0}

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -52,11 +53,18 @@ def test_train_writes_a_complete_run_directory(tmp_path, run_cli):
     assert (run / "config.toml").read_text().count("steps = 4") == 1
     assert sorted(losses_by_step(run)) == [1, 2, 3, 4]
     assert set(losses_by_step(run)[4]) <= {"mae", "mae3d", "rotation", "contrastive"}
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in records if "losses" in r]
+    for r in logged:  # one step a record: each task's loss and metrics on the step's dataset, and over all
+        assert set(r["per_dataset"]["rotation"]) == {r["dataset"]}
+        assert set(r["per_dataset"]["rotation"][r["dataset"]]) == {"loss", "accuracy"}
+        assert set(r["losses"]) == set(r["per_dataset"]) and "accuracy" in r["metrics"]["rotation"]
     assert [p.name for p in sorted((run / "checkpoints").iterdir())] == ["step_000002", "step_000004"]
     assert (run / "encoder" / "config.json").is_file() and (run / "encoder" / "model.safetensors").is_file()
     assert (run / "plots" / "losses.png").is_file()
     assert any(p.name.startswith("mae3d-phantoms3d") for p in (run / "pictures").iterdir())
     assert "4 steps" in out
+    assert "phantoms3d" in out and "accuracy" in out  # the summary: a row per task and dataset, with metrics
 
 
 @pytest.mark.slow
@@ -185,6 +193,13 @@ def test_corrupt_checkpoint_is_an_error_not_a_fresh_start(tmp_path, run_cli):
     (["--dataset", "phantom2d"], "unknown dataset 'phantom2d'; did you mean 'phantoms2d'"),
     (["--task-option", "mae.mask_ration=0.5"], "task 'mae' has no option 'mask_ration'"),
     (["--task-weight", "jigsaw=2"], "options given for task 'jigsaw', which is not in this run"),
+    (["--task-option", "mea.mask_ratio=0.5"], "options given for unknown task 'mea'; did you mean 'mae'"),
+    (["--plugin", "jigsaw", "--task-option", "jigsaw.permutations=2.5"],
+     "task 'jigsaw': option 'permutations' must be an integer, got '2.5'"),
+    (["--task-option", "mae.norm_pix_loss=maybe"], "task 'mae': option 'norm_pix_loss' must be true or false"),
+    (["--task-option", "contrastive.temperature=0"], "task 'contrastive': temperature must be > 0, got 0.0"),
+    (["--dataset", "phantoms2d:size=16,count=16", "--task-option", "mae3d.mask_ratio=0.9"],
+     "options given for task 'mae3d', which accepts none of the run's datasets: phantoms2d (2D"),
     (["--model", "huge"], "unknown model preset 'huge'"),
 ])
 def test_bad_choices_are_one_line_errors(tmp_path, run_cli, args, message):
@@ -192,6 +207,50 @@ def test_bad_choices_are_one_line_errors(tmp_path, run_cli, args, message):
     assert code == 2
     assert message in err
     assert "Traceback" not in err + out
+
+
+def test_config_file_task_options_are_checked_like_the_command_line(tmp_path, run_cli):
+    (tmp_path / "run.toml").write_text('[tasks.mae]\nmask_ratio = "most"\n')
+    code, out, err = run_cli("train", "--config", str(tmp_path / "run.toml"), "--quiet", "--out", str(tmp_path / "run"))
+    assert code == 2 and "task 'mae': option 'mask_ratio' must be a number, got 'most'" in err
+    assert "Traceback" not in err + out
+
+
+def test_typed_task_options_are_written_to_the_run_config(tmp_path, run_cli):
+    run = tmp_path / "run"
+    code, _, err = run_cli("train", *TINY, "--steps", "1", "--task-option", "mae.mask_ratio=0.6",
+                           "--task-option", "mae.norm_pix_loss=false", "--out", str(run))
+    assert code == 0, err
+    config = tomllib.loads((run / "config.toml").read_text())
+    assert config["tasks"] == {"mae": {"mask_ratio": 0.6, "norm_pix_loss": False}}
+    assert config["plugins"] == ["mae", "mae3d", "rotation", "contrastive"]
+    assert "Tasks: mae, mae3d, rotation, contrastive (the defaults" in err
+
+
+@pytest.mark.parametrize("dataset, chosen, left_out", [
+    ("phantoms2d:size=16,count=48", ["mae", "rotation", "contrastive"], "mae3d (phantoms2d: 2D, mae3d needs 3D input)"),
+    ("phantoms3d:size=8,count=32", ["mae3d", "rotation", "contrastive"], "mae (phantoms3d: 3D, mae needs 2D input)"),
+])
+def test_default_tasks_adapt_to_the_datasets(tmp_path, run_cli, dataset, chosen, left_out):
+    run = tmp_path / "run"
+    code, _, err = run_cli("train", *TINY_MODEL, "--dataset", dataset, "--batch-size", "8", "--quiet",
+                           "--steps", "1", "--out", str(run))
+    assert code == 0, err
+    note = [line for line in err.splitlines() if line.startswith("Tasks:")]
+    assert note == [f"Tasks: {', '.join(chosen)}, the defaults that accept the run's datasets, without {left_out}. "
+                    "Choose others with --plugin."]
+    assert sorted(losses_by_step(run)[1]) == sorted(chosen)
+    assert tomllib.loads((run / "config.toml").read_text())["plugins"] == chosen  # what --resume runs
+
+
+def test_default_tasks_adapt_to_medmnist_files(tmp_path, run_cli, write_npz):
+    write_npz(tmp_path / "data", "retinamnist")
+    run = tmp_path / "run"
+    code, _, err = run_cli("train", *TINY_MODEL, "--dataset", "retinamnist", "--data-root", str(tmp_path / "data"),
+                           "--batch-size", "8", "--quiet", "--steps", "1", "--knn-every", "0", "--out", str(run))
+    assert code == 0, err
+    assert "without mae3d (retinamnist: 2D, mae3d needs 3D input)" in err
+    assert sorted(losses_by_step(run)[1]) == ["contrastive", "mae", "rotation"]
 
 
 def test_bad_option_values_are_typer_errors(tmp_path, run_cli):

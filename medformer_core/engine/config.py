@@ -17,7 +17,7 @@ DEFAULT_DATASETS = ("phantoms2d", "phantoms3d")
 class RunConfig:
     """Everything that defines a pretraining run. Names match the CLI options and the TOML keys."""
 
-    plugins: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS))
+    plugins: list[str] = field(default_factory=list)  # empty: those of DEFAULT_TASKS that accept a dataset of the run
     datasets: list[str] = field(default_factory=lambda: list(DEFAULT_DATASETS))
     data_root: str | None = None
     model: str = "tiny"
@@ -58,8 +58,6 @@ class RunConfig:
             raise UsageError(f"option 'epochs' must be > 0, got {self.epochs}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise UsageError(f"option 'device' must be auto, cpu or cuda[:N], got '{self.device}'")
-        if not self.plugins:
-            raise UsageError("no pretext task selected", hint="pass --plugin NAME (see `medformer plugins list`)")
         if not self.datasets:
             raise UsageError("no dataset selected", hint="pass --dataset NAME (see `medformer datasets list`)")
         return self

@@ -14,6 +14,7 @@ work (pictures, validation) and resumable state of their own.
 import json
 import signal
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,10 @@ from medformer_core.reporting.plots import plot_task_losses
 from medformer_core.reporting.progress import TrainingProgress
 
 METRICS_FILE = "metrics.jsonl"
+SUMMARY_BATCHES = 20  # the run summary averages each (task, dataset)'s first and last this many batches
+
+# One batch's outcome: its dataset and each task's loss and metrics, {task: {"loss": ..., "accuracy": ...}}.
+Outcome = tuple[str, dict[str, dict[str, float]]]
 
 
 @dataclass(frozen=True)
@@ -48,41 +53,103 @@ class LoopSettings:
 
 @dataclass
 class RunSummary:
-    """What a finished (or interrupted) run did."""
+    """What a finished (or interrupted) run did. `first` and `last`: {(task, dataset): {"loss": ...,
+    metric: ...}}, the means over the pair's first and last SUMMARY_BATCHES batches of this session."""
 
     run_dir: Path
     steps: int  # the step reached
     samples: int  # samples seen in this session (not before a resume)
     seconds: float
-    first_losses: dict[str, float] = field(default_factory=dict)
-    last_losses: dict[str, float] = field(default_factory=dict)
+    first: dict[tuple[str, str], dict[str, float]] = field(default_factory=dict)
+    last: dict[tuple[str, str], dict[str, float]] = field(default_factory=dict)
     stopped_by: str | None = None
 
 
-class LossWindow:
-    """Running means of each task's loss since the last log line."""
+class MetricWindow:
+    """Running sums of each task's loss and metrics per dataset since the last log line:
+    sums[task][dataset][name] = [sum, count]."""
 
     def __init__(self):
-        self.sums: dict[str, float] = {}
-        self.counts: dict[str, int] = {}
+        self.sums: dict[str, dict[str, dict[str, list]]] = {}
 
-    def add(self, losses: dict[str, float]) -> None:
-        for name, value in losses.items():
-            self.sums[name] = self.sums.get(name, 0.0) + value
-            self.counts[name] = self.counts.get(name, 0) + 1
+    def add(self, outcome: Outcome) -> None:
+        dataset, values = outcome
+        for task, named in values.items():
+            slot = self.sums.setdefault(task, {}).setdefault(dataset, {})
+            for name, value in named.items():
+                total = slot.setdefault(name, [0.0, 0])
+                total[0] += value
+                total[1] += 1
 
-    def means(self) -> dict[str, float]:
-        return {name: self.sums[name] / self.counts[name] for name in sorted(self.sums)}
+    def per_dataset(self) -> dict[str, dict[str, dict[str, float]]]:
+        """{task: {dataset: {name: mean}}}."""
+        return {task: {dataset: {name: s / n for name, (s, n) in named.items()}
+                       for dataset, named in sorted(datasets.items())}
+                for task, datasets in sorted(self.sums.items())}
+
+    def overall(self) -> dict[str, dict[str, float]]:
+        """{task: {name: mean over the batches of every dataset}}."""
+        means = {}
+        for task, datasets in sorted(self.sums.items()):
+            totals: dict[str, list] = {}
+            for named in datasets.values():
+                for name, (s, n) in named.items():
+                    total = totals.setdefault(name, [0.0, 0])
+                    total[0] += s
+                    total[1] += n
+            means[task] = {name: s / n for name, (s, n) in totals.items()}
+        return means
+
+    def losses(self) -> dict[str, float]:
+        """{task: mean loss over the batches of every dataset}."""
+        return {task: named["loss"] for task, named in self.overall().items()}
 
     def clear(self) -> None:
         self.sums.clear()
-        self.counts.clear()
 
     def state_dict(self) -> dict:
-        return {"sums": dict(self.sums), "counts": dict(self.counts)}
+        return {"sums": self.sums}
 
     def load_state_dict(self, state: dict) -> None:
-        self.sums, self.counts = dict(state["sums"]), dict(state["counts"])
+        self.sums = state["sums"]
+
+
+class FirstLast:
+    """Each (task, dataset)'s first and last `size` batches, for the run summary."""
+
+    def __init__(self, size: int = SUMMARY_BATCHES):
+        self.size = size
+        self.first: dict[tuple[str, str], list[dict[str, float]]] = {}
+        self.last: dict[tuple[str, str], deque] = {}
+
+    def add(self, outcome: Outcome) -> None:
+        dataset, values = outcome
+        for task, named in values.items():
+            first = self.first.setdefault((task, dataset), [])
+            if len(first) < self.size:
+                first.append(named)
+            self.last.setdefault((task, dataset), deque(maxlen=self.size)).append(named)
+
+    @staticmethod
+    def means(batches: dict) -> dict[tuple[str, str], dict[str, float]]:
+        """{(task, dataset): {name: mean over its batches}} (each name over the batches that have it)."""
+        means = {}
+        for key, rows in sorted(batches.items()):
+            names = dict.fromkeys(name for row in rows for name in row)
+            means[key] = {name: sum(row[name] for row in rows if name in row) / sum(name in row for row in rows)
+                          for name in names}
+        return means
+
+
+def step_losses(outcomes: list[Outcome]) -> dict[str, float]:
+    """Each task's mean loss over the batches of one step it ran on."""
+    sums: dict[str, list] = {}
+    for _, values in outcomes:
+        for task, named in values.items():
+            total = sums.setdefault(task, [0.0, 0])
+            total[0] += named["loss"]
+            total[1] += 1
+    return {task: s / n for task, (s, n) in sums.items()}
 
 
 class Engine:
@@ -158,7 +225,7 @@ class Engine:
             self.forward_model = DistributedDataParallel(self.model, find_unused_parameters=True)
         self.step = 0
         self.samples = 0
-        self.window = LossWindow()
+        self.window = MetricWindow()
         if self.resume:
             self._restore()
         self.writer = self._tensorboard() if self.dist.is_main else None
@@ -203,7 +270,7 @@ class Engine:
             "sampler": self.sampler.state_dict(),
             "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
-            "loss_window": self.window.state_dict(),
+            "metric_window": self.window.state_dict(),
             "run": self.extra_state(),
         }
         if self.device.type == "cuda":
@@ -229,19 +296,20 @@ class Engine:
         if "cuda_rng" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         self.step, self.samples = state["step"], state["samples"]
-        if "loss_window" in state:
-            self.window.load_state_dict(state["loss_window"])
+        if "metric_window" in state:
+            self.window.load_state_dict(state["metric_window"])
         self.load_extra_state(state.get("run", {}))
         if self.dist.is_main:
             keep_records_until(self.run_dir / METRICS_FILE, self.step)
 
     # -- the loop ---------------------------------------------------------------------------------
 
-    def train_step(self) -> tuple[str, dict[str, float]]:
-        """One optimizer step over `accumulate` batches; returns the dataset and each task's loss."""
+    def train_step(self) -> list[Outcome]:
+        """One optimizer step over `accumulate` batches; returns each batch's dataset and each task's
+        loss and metrics."""
         self.train_mode()
         accumulate = self.settings.accumulate
-        losses_out: dict[str, float] = {}
+        outcomes = []
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
         for _ in range(accumulate):
             dataset, indices = next(self.sampler)
@@ -252,8 +320,9 @@ class Engine:
             self._check_finite(losses, dataset)
             total = self.weighting(losses) / accumulate
             total.backward()
-            for name, loss in losses.items():
-                losses_out[name] = losses_out.get(name, 0.0) + loss.item() / accumulate
+            values = {name: {"loss": loss.item(), **{k: float(v) for k, v in results[name].metrics.items()}}
+                      for name, loss in losses.items()}
+            outcomes.append((dataset, values))
             self.samples += len(indices) * self.dist.world_size
         if self.settings.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip)
@@ -261,7 +330,7 @@ class Engine:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return dataset, losses_out
+        return outcomes
 
     def _check_finite(self, losses: dict[str, torch.Tensor], dataset: str) -> None:
         bad = {name: float(loss.detach()) for name, loss in losses.items() if not torch.isfinite(loss)}
@@ -294,7 +363,7 @@ class Engine:
 
     def _loop(self) -> RunSummary:
         settings = self.settings
-        window, first, last = self.window, {}, {}
+        window, summary = self.window, FirstLast()
         self.metrics_file = (self.run_dir / METRICS_FILE).open("a") if self.dist.is_main else None
         progress = TrainingProgress(self.total_steps, self.step, disable=self.quiet or not self.dist.is_main)
         start, start_samples = time.perf_counter(), self.samples
@@ -302,17 +371,16 @@ class Engine:
             with progress:
                 while self.step < self.total_steps:
                     tick = time.perf_counter()
-                    dataset, losses = self.train_step()
-                    window.add(losses)
-                    for name, value in losses.items():
-                        first.setdefault(name, value)
-                        last[name] = value
+                    outcomes = self.train_step()
+                    for outcome in outcomes:
+                        window.add(outcome)
+                        summary.add(outcome)
                     rate = (self.samples - start_samples) / max(1e-9, time.perf_counter() - start)
-                    progress.update(self.step, window.means(), rate)
+                    progress.update(self.step, window.losses(), rate)
                     if self.step % settings.log_every == 0 or self.step == self.total_steps:
-                        self._log(dataset, window.means(), rate, time.perf_counter() - tick)
+                        self._log(outcomes[-1][0], rate, time.perf_counter() - tick)
                         window.clear()
-                    self.after_step(losses)
+                    self.after_step(step_losses(outcomes))
                     stop = any_rank(self.stop_requested is not None, self.dist, self.device)
                     if stop or self.step % settings.checkpoint_every == 0 or self.step == self.total_steps:
                         self.save()
@@ -325,7 +393,7 @@ class Engine:
         if self.dist.is_main:
             plot_task_losses(self.run_dir / METRICS_FILE, self.run_dir / "plots")
         return RunSummary(self.run_dir, self.step, self.samples - start_samples, time.perf_counter() - start,
-                          first, last, stopped_by=self.stop_requested)
+                          summary.means(summary.first), summary.means(summary.last), stopped_by=self.stop_requested)
 
     def write_record(self, record: dict, scalars: dict[str, float]) -> None:
         """Append `record` to metrics.jsonl and `scalars` to TensorBoard at this step (rank 0 only)."""
@@ -336,19 +404,29 @@ class Engine:
             for name, value in scalars.items():
                 self.writer.add_scalar(name, value, self.step)
 
-    def _log(self, dataset: str, losses: dict[str, float], rate: float, step_seconds: float) -> None:
+    def _log(self, dataset: str, rate: float, step_seconds: float) -> None:
+        """Write the window's means: each task's loss and metrics over every dataset ("losses",
+        "metrics") and per dataset ("per_dataset": {task: {dataset: {"loss": ..., metric: ...}}})."""
+        overall, per_dataset = self.window.overall(), self.window.per_dataset()
         record = {
             "step": self.step,
             "samples": self.samples,
             "lr": self.scheduler.get_last_lr()[0],
             "dataset": dataset,
-            "losses": losses,
+            "losses": {task: named["loss"] for task, named in overall.items()},
+            "metrics": {task: metrics for task, named in overall.items()
+                        if (metrics := {k: v for k, v in named.items() if k != "loss"})},
+            "per_dataset": per_dataset,
             "weights": self.weighting.current_weights(),
             "samples_per_s": rate,
             "step_seconds": step_seconds,
         }
-        scalars = {f"loss/{name}": value for name, value in losses.items()}
-        self.write_record(record, {**scalars, "lr": record["lr"], "samples_per_s": rate})
+        scalars = {"lr": record["lr"], "samples_per_s": rate}
+        for task, named in overall.items():  # TensorBoard: loss/mae, accuracy/rotation, loss/mae/phantoms2d, ...
+            scalars.update({f"{name}/{task}": value for name, value in named.items()})
+            for dataset, values in per_dataset[task].items():
+                scalars.update({f"{name}/{task}/{dataset}": value for name, value in values.items()})
+        self.write_record(record, scalars)
 
 
 def keep_records_until(path: Path, step: int) -> None:

@@ -8,18 +8,21 @@ task pictures and the exported encoder. SIGINT/SIGTERM finish the step, checkpoi
 """
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from medformer_core.api.data import ImageSplit
+from medformer_core.api.data import DatasetInfo, ImageSplit
 from medformer_core.api.datasets import resolve_dataset
 from medformer_core.api.errors import UsageError
 from medformer_core.api.files import atomic_write
+from medformer_core.api.interfaces import PretextTask
+from medformer_core.api.lookup import unknown_name
 from medformer_core.api.plugins import registries
 from medformer_core.engine.augment import Augment
 from medformer_core.engine.builders import build_model
-from medformer_core.engine.config import RunConfig, write_config
+from medformer_core.engine.config import DEFAULT_TASKS, RunConfig, write_config
 from medformer_core.engine.knn import KnnMonitor
 from medformer_core.engine.loop import METRICS_FILE, Engine, LoopSettings
 from medformer_core.engine.sampling import MultiDatasetSampler
@@ -27,6 +30,7 @@ from medformer_core.engine.schedule import warmup_cosine
 from medformer_core.engine.weighting import make_weighting
 from medformer_core.model.multitask import MultitaskModel, check_tasks_accept
 from medformer_core.reporting.plots import plot_knn
+from medformer_core.reporting.progress import print_note
 
 PICTURE_SAMPLES = 4
 KNN_MAX_TRAIN = 2000  # train samples in the kNN monitor's memory bank (a stratified subset)
@@ -40,20 +44,57 @@ def base_augment(spatial_dims: int) -> Augment:
                    noise_std=0.0, blur_prob=0.0)
 
 
-def configured_tasks(config: RunConfig) -> list:
-    """The run's pretext tasks with their options and weights applied."""
-    tasks = []
-    for name in config.plugins:
-        task = registries().tasks.get(name)
-        options = dict(config.tasks.get(name, {}))
-        if name in config.task_weights:
-            options["weight"] = config.task_weights[name]
-        tasks.append(task.with_options(**options) if options else task)
+def configured_tasks(config: RunConfig) -> list[PretextTask]:
+    """The run's pretext tasks (`config.plugins`, else every default task) with their options and
+    weights applied, each option checked and converted to its type."""
+    registered = registries().tasks
+    names = config.plugins or list(DEFAULT_TASKS)
+    tasks = [registered.get(name) for name in names]
     for name in list(config.tasks) + list(config.task_weights):
-        if name not in config.plugins:
+        if name not in registered:
+            raise unknown_name(f"options given for unknown task '{name}'", name, registered.names(),
+                               hint="see all with `medformer plugins list --kind pretext-task`")
+        if name not in names:
             raise UsageError(f"options given for task '{name}', which is not in this run",
                              hint=f"add --plugin {name}, or remove its options")
-    return tasks
+        if not isinstance(config.tasks.get(name, {}), dict):
+            raise UsageError(f"the options of task '{name}' must be a table, got {config.tasks[name]!r}",
+                             hint=f"e.g. [tasks.{name}] in the config file, or --task-option {name}.OPTION=VALUE")
+    return [task.with_options(config.task_weights.get(task.name), **config.tasks.get(task.name, {})) for task in tasks]
+
+
+def accepting_defaults(tasks: list[PretextTask], infos: list[DatasetInfo],
+                       config: RunConfig) -> tuple[list[PretextTask], str]:
+    """Of the default `tasks`, those that accept at least one dataset of `infos`, and a line saying
+    which it chose and which it left out, and why. A task given options must accept one."""
+    chosen, left_out = [], []
+    for task in tasks:
+        reasons = [(info.name, reason) for info in infos if (reason := task.reject_reason(info, infos))]
+        if len(reasons) < len(infos):
+            chosen.append(task)
+        elif task.name in config.tasks or task.name in config.task_weights:
+            listed = "; ".join(f"{name} ({reason})" for name, reason in reasons)
+            raise UsageError(f"options given for task '{task.name}', which accepts none of the run's datasets: "
+                             f"{listed}", hint="add a dataset it accepts, or remove its options")
+        else:
+            left_out.append(f"{task.name} ({'; '.join(f'{name}: {reason}' for name, reason in reasons)})")
+    if not chosen:
+        raise UsageError(f"none of the default tasks accepts the run's datasets: {', '.join(left_out)}",
+                         hint="choose tasks with --plugin (see `medformer plugins list --kind pretext-task`)")
+    names = ", ".join(task.name for task in chosen)
+    if not left_out:
+        return chosen, f"Tasks: {names} (the defaults; choose others with --plugin)."
+    return chosen, (f"Tasks: {names}, the defaults that accept the run's datasets, without {', '.join(left_out)}. "
+                    "Choose others with --plugin.")
+
+
+def resolved_config(config: RunConfig, tasks: list[PretextTask]) -> RunConfig:
+    """`config` naming the run's `tasks`, with their options and weights as typed values."""
+    by_name = {task.name: task for task in tasks}
+    options = {name: {key: getattr(by_name[name].options, key) for key in given}
+               for name, given in config.tasks.items()}
+    weights = {name: by_name[name].weight for name in config.task_weights}
+    return replace(config, plugins=list(by_name), tasks=options, task_weights=weights)
 
 
 def load_train_splits(config: RunConfig, labeled: bool, rank: int = 0, split: str = "train") -> dict[str, ImageSplit]:
@@ -85,11 +126,18 @@ class Trainer(Engine):
 
     def build(self) -> None:
         config = self.config
-        self.tasks = configured_tasks(config)
-        needs_labels = any(task.needs_labels for task in self.tasks)
-        self.splits = load_train_splits(config, labeled=needs_labels)
+        tasks = configured_tasks(config)
+        self.splits = load_train_splits(config, labeled=any(task.needs_labels for task in tasks))
         infos = [split.info for split in self.splits.values()]
-        check_tasks_accept(self.tasks, infos)
+        if not config.plugins:
+            tasks, note = accepting_defaults(tasks, infos, config)
+            if self.dist.is_main:
+                print_note(note)
+        check_tasks_accept(tasks, infos)
+        self.tasks = tasks
+        self.config = config = resolved_config(config, tasks)
+        if self.dist.is_main:
+            self.save_config()  # again, now naming the chosen tasks and their typed options (read by --resume)
         self.model: MultitaskModel = build_model(config.model, infos, self.tasks,
                                                  **config.model_options).to(self.device)
         self.weighting = make_weighting(config.weighting, {t.name: t.weight for t in self.tasks}).to(self.device)

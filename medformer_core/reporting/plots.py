@@ -21,17 +21,25 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def plot_task_losses(metrics_path: Path, out_dir: Path) -> list[Path]:
-    """One PNG per task (loss against step), plus `losses.png` with every task together."""
+    """One PNG per task (loss against step; a line per dataset too when it runs on several), plus
+    `losses.png` with every task together."""
     series: dict[str, tuple[list[int], list[float]]] = {}
+    per_dataset: dict[str, dict[str, tuple[list[int], list[float]]]] = {}
     for record in read_metrics(metrics_path):
         for task, loss in record.get("losses", {}).items():
             steps, values = series.setdefault(task, ([], []))
             steps.append(record["step"])
             values.append(loss)
+        for task, datasets in record.get("per_dataset", {}).items():
+            for dataset, named in datasets.items():
+                steps, values = per_dataset.setdefault(task, {}).setdefault(dataset, ([], []))
+                steps.append(record["step"])
+                values.append(named["loss"])
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for task, (steps, values) in sorted(series.items()):
-        written.append(_plot({task: (steps, values)}, f"{task} loss", out_dir / f"loss_{task}.png"))
+        lines = {f"{task} (all)": (steps, values), **per_dataset[task]} if len(per_dataset.get(task, {})) > 1 else {}
+        written.append(_plot(lines or {task: (steps, values)}, f"{task} loss", out_dir / f"loss_{task}.png"))
     if series:
         written.append(_plot(series, "task losses", out_dir / "losses.png", log=True))
     return written

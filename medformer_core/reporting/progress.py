@@ -1,5 +1,7 @@
 """The training progress bar (rich, on stderr): step, per-task losses, samples/s, ETA."""
 
+import sys
+
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -33,3 +35,8 @@ class TrainingProgress:
             return
         text = " ".join(f"{name} {value:.3f}" for name, value in losses.items())
         self.progress.update(self.task, completed=step, losses=text, speed=f"{samples_per_s:.0f} samples/s")
+
+
+def print_note(text: str) -> None:
+    """One line for the user on stderr, beside the progress bar (e.g. which tasks a run chose)."""
+    print(text, file=sys.stderr, flush=True)
