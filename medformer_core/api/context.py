@@ -14,32 +14,50 @@ from medformer_core.api.data import DatasetInfo
 
 @runtime_checkable
 class TaskContext(Protocol):
-    """The model as one task sees it on one dataset's batch."""
+    """The model as one task sees it on one dataset's batch.
+
+    Shapes: B samples, C channels, S the spatial size (H, W or D, H, W), E the model width, M the
+    number of latents, N the patches of the zero-padded grid (row-major), P = C * prod(patch).
+
+    The default `PretextTask.forward` is
+
+        view = task.make_view(ctx, batch, generator)
+        prediction = ctx.decode(ctx.encode(view.image, keep=view.keep), view.positions)
+        return task.loss(ctx, prediction, view)
+
+    A task that overrides `forward` may call `encode` several times (one per view) and decode
+    each result; every call goes through the task's own output for this dataset.
+    """
 
     @property
     def info(self) -> DatasetInfo:
-        """The dataset of the batch."""
+        """The dataset of the batch: name, spatial_dims, channels, size, task type, labels."""
 
     @property
     def run(self) -> list[DatasetInfo]:
-        """Every dataset of the run, in the run's order."""
+        """Every dataset of the run, in the run's order (e.g. the classes of a domain classifier)."""
 
     def encode(self, image: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         """image [B, C, *S] (any modality the model embeds) -> latents [B, M, E] (tokens
-        [B, N | n_keep, E] when M == 0); keep [B, n_keep] int64 embeds only those patches."""
+        [B, N | n_keep, E] when M == 0); keep [B, n_keep] int64 embeds only those patches
+        (indices into the row-major padded grid, e.g. MAE's visible ones). Gradients flow."""
 
     def decode(self, latents: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """latents [B, M, E] -> the task head's prediction (label: [B, K]; dense: [B, Q, C * prod(patch)]
-        at positions [B, Q] int64, every patch when None)."""
+        """latents [B, M, E] -> the prediction of the head the task's `OutputSpec` names:
+        "label": logits [B, num_outputs]; "embedding": [B, out_dim]; "dense": [B, Q, P], one row
+        of pixels per queried patch, at `positions` [B, Q] int64 (every patch, Q = N, when None)."""
 
     def patch_size(self, image: torch.Tensor) -> tuple[int, ...]:
         """The patch size of the input adapter of `image` [B, C, *S]: one entry per spatial axis."""
 
     def num_patches(self, image: torch.Tensor) -> int:
-        """N, the number of patches of `image` [B, C, *S] (its padded grid)."""
+        """N, the number of patches of `image` [B, C, *S] (its grid, zero-padded at the end where the
+        patch does not divide the size)."""
 
     def patchify(self, image: torch.Tensor) -> torch.Tensor:
-        """image [B, C, *S] -> patches [B, N, C * prod(patch)], in the dense head's layout."""
+        """image [B, C, *S] -> patches [B, N, P], in the dense head's layout (compare a dense
+        prediction with `ctx.patchify(target)`)."""
 
     def unpatchify(self, patches: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """patches [B, N, C * prod(patch)] -> an image shaped like `like` [B, C, *S]."""
+        """patches [B, N, P] (e.g. a dense prediction over every patch) -> an image shaped like
+        `like` [B, C, *S], the padding cut off."""
