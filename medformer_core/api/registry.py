@@ -23,12 +23,9 @@ class Provider:
 
 
 @dataclass(frozen=True)
-class BrokenPlugin:
+class BrokenPlugin(Provider):
     """A plugin that failed to import, implements a hook medformer does not have, or raised in a hook."""
 
-    plugin: str
-    distribution: str
-    version: str
     error: str
 
     def __str__(self) -> str:
