@@ -28,8 +28,8 @@ from medformer_core.api.interfaces import (
 from medformer_core.api.options import parse_options, split_pairs
 
 # The modules plugins imported before the core had layers keep working under their old names.
-for _name, _module in {"data": data, "errors": errors, "hookspecs": hookspecs, "interfaces": interfaces}.items():
-    sys.modules.setdefault(f"{__name__}.{_name}", _module)
+sys.modules.update({f"{__name__}.{module.__name__.rpartition('.')[2]}": module
+                    for module in (data, errors, hookspecs, interfaces)})
 
 __all__ = [
     "DataError", "DatasetFactory", "DatasetInfo", "DatasetOptions", "ImageSplit", "InputAdapter", "InputSpec",
