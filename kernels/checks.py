@@ -1,12 +1,19 @@
-"""Argument checks shared by every backend: one contract on CPU and GPU, one clear error per mistake."""
+"""Argument checks shared by every backend: one contract on CPU and GPU, one clear error per mistake.
+
+Shapes, dtypes and devices are checked on every call. Value checks (keep indices in range) read the
+tensor, which on a GPU would wait for it: they run for CPU tensors always, and for GPU tensors only
+with `MEDFORMER_KERNELS_DEBUG=1`, so the training hot path never syncs the device.
+"""
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
 
 from medformer_core.api.errors import UsageError
 
+DEBUG_ENV = "MEDFORMER_KERNELS_DEBUG"
 HEAD_DIMS = (16, 32, 64, 128)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -36,6 +43,11 @@ def _check_float(op: str, named: dict, device: torch.device, dtype: torch.dtype)
             _fail(op, f"{name} has dtype {t.dtype} but the input has {dtype}", hint="cast all tensors to one dtype")
         if t.device != device:
             _fail(op, f"{name} is on {t.device} but the input is on {device}", hint="move all tensors to one device")
+
+
+def _check_values(t: torch.Tensor) -> bool:
+    """Whether to read t's values: always on CPU, on a GPU only in debug mode (reading waits for the GPU)."""
+    return not t.is_cuda or os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
 
 
 def check_attention(q, k, v, scale) -> None:
@@ -117,7 +129,7 @@ def check_patch_embed(x, weight, bias, pos, patch, keep) -> PatchGeometry:
             _fail(op, f"keep has dtype {keep.dtype}", hint="use int64 patch indices")
         if keep.shape[0] != b or keep.device != x.device:
             _fail(op, f"keep {tuple(keep.shape)} on {keep.device} must be [B={b}, n_keep] on {x.device}")
-        if bool(((keep < 0) | (keep >= n_patches)).any()):
+        if _check_values(keep) and bool(((keep < 0) | (keep >= n_patches)).any()):
             _fail(op, f"keep has indices outside [0, {n_patches}) (the input has {n_patches} patches)")
     pd, ph, pw = (1, *sizes) if len(sizes) == 2 else sizes
     gd, gh, gw = (1, *grid) if len(grid) == 2 else grid

@@ -4,13 +4,16 @@ Row m of the token matrix is (sample b, token t); its patch n is t, or keep[b, t
 the kept patches are ever read. Column k of a patch is (c, pd, ph, pw), the order of a Conv weight
 [E, C, *patch]. Both are turned into offsets in x straight from its strides (no im2col copy); 2D
 inputs are seen as 3D with depth 1. The backward computes dW with a second Triton kernel that gathers
-patches the same way (split over rows into fp32 partial sums, for parallelism when E*K is small);
-dbias, dpos and dx (only when x requires grad) use torch ops: sums, index_add and a reshape scatter.
+patches the same way (split over rows into fp32 partial sums, for parallelism when E*K is small); a
+third kernel reduces dbias and dpos (summed over the batch, or added atomically at the kept patches);
+dx (only when x requires grad) uses torch ops: a GEMM and a reshape scatter.
+Configs are pinned per shape class and cached (`medformer_kernels.configs`): no per-call autotune.
 Reference: `medformer_kernels.reference.patch_embed_reference`; tests:
 tests/kernels/test_kernels_patch_embed.py; benchmark: `medformer bench patch-embed`.
 """
 
 import contextlib
+import functools
 
 import torch
 import triton
@@ -20,22 +23,29 @@ from torch.autograd.function import once_differentiable
 from medformer_core.model.patches import unpatchify
 from medformer_kernels.backend import interpret_enabled
 from medformer_kernels.checks import PatchGeometry
+from medformer_kernels.configs import CACHE, LaunchConfig, shape_key
 
 INTERPRETED = interpret_enabled()  # @triton.jit below reads TRITON_INTERPRET once, at import
 
-# (row block, embed block, patch-vector block, warps, pipeline stages) tried by the autotuner on a GPU:
-# few, since each config compiles once per patch shape. The forward writes many more bytes (E per
-# token) than it reads (C*prod(patch)), so wide E blocks; dW reduces over rows, in BLOCK_M steps.
-FWD_BLOCKS = [(128, 128, 32, 4, 3), (64, 128, 64, 4, 3), (128, 64, 32, 4, 4)]
-DW_BLOCKS = [(64, 64, 64, 4, 3), (128, 64, 64, 8, 3), (64, 128, 32, 4, 3)]
+# Candidates for a GPU (fp16/bf16; none spills on sm_90, see compile_report), the pinned default
+# first. The forward writes many more bytes (E per token) than it reads (C*prod(patch)), so wide E
+# blocks; dW reduces over rows, in BLOCK_M steps.
+FWD_CANDIDATES = [LaunchConfig.of(8, 3, BLOCK_M=64, BLOCK_E=128, BLOCK_K=32),
+                  LaunchConfig.of(8, 3, BLOCK_M=128, BLOCK_E=128, BLOCK_K=32),
+                  LaunchConfig.of(4, 4, BLOCK_M=128, BLOCK_E=64, BLOCK_K=32)]
+DW_CANDIDATES = [LaunchConfig.of(4, 3, BLOCK_M=64, BLOCK_E=64, BLOCK_K=64),
+                 LaunchConfig.of(8, 3, BLOCK_M=128, BLOCK_E=64, BLOCK_K=64),
+                 LaunchConfig.of(4, 3, BLOCK_M=64, BLOCK_E=128, BLOCK_K=32)]
+REDUCE_CONFIG = LaunchConfig.of(4, 1, BLOCK_M=32, BLOCK_E=128)
+INTERPRETER_CONFIG = LaunchConfig.of(1, 1, BLOCK_M=16, BLOCK_E=16, BLOCK_K=16)
+INTERPRETER_REDUCE = LaunchConfig.of(1, 1, BLOCK_M=16, BLOCK_E=16)
 
 
-def _configs(blocks: list[tuple[int, int, int, int, int]]) -> list[triton.Config]:
-    """Autotune configs; a single small one under the interpreter, so CPU tests stay fast."""
-    if INTERPRETED:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_E": 16, "BLOCK_K": 16}, num_warps=1, num_stages=1)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_E": e, "BLOCK_K": k}, num_warps=w, num_stages=s)
-            for m, e, k, w, s in blocks]
+def _config(kernel: str, candidates: list[LaunchConfig], x: torch.Tensor, run, **sizes: int) -> LaunchConfig:
+    """The config of one launch: pinned, cached, or tuned in autotune mode (see medformer_kernels.configs)."""
+    if INTERPRETED or not x.is_cuda:
+        return INTERPRETER_CONFIG
+    return CACHE.choose(shape_key(kernel, x.device, x.dtype, **sizes), candidates, run)
 
 
 @triton.jit
@@ -64,7 +74,6 @@ def _patch_cols(ks, sxc, sxd, sxh, sxw, PD: tl.constexpr, PH: tl.constexpr, PW: 
     return c.to(tl.int64) * sxc + (r // (PH * PW)) * sxd + ((r // PW) % PH) * sxh + (r % PW) * sxw
 
 
-@triton.autotune(configs=_configs(FWD_BLOCKS), key=["M", "E", "K_DIM"])
 @triton.jit
 def _patch_embed_fwd(X, W, BIAS, POS, KEEP, OUT,
                      sxb, sxc, sxd, sxh, sxw, swe, swk, spn, spe, skb, skt,
@@ -97,7 +106,6 @@ def _patch_embed_fwd(X, W, BIAS, POS, KEEP, OUT,
     tl.store(OUT + rows.to(tl.int64)[:, None] * E + es[None, :], acc.to(OUT.dtype.element_ty), mask=out_ok)
 
 
-@triton.autotune(configs=_configs(DW_BLOCKS), key=["M", "E", "K_DIM", "SPLITS"])
 @triton.jit
 def _patch_embed_dw(X, DOUT, KEEP, DW,
                     sxb, sxc, sxd, sxh, sxw, sgm, sge, skb, skt,
@@ -127,9 +135,41 @@ def _patch_embed_dw(X, DOUT, KEEP, DW,
     tl.store(dw_ptrs, acc, mask=e_ok[:, None] & k_ok[None, :])
 
 
+@triton.jit
+def _patch_embed_dbias_dpos(DOUT, KEEP, DBIAS, DPOS, sgb, sgt, sge, skb, skt, B, N_TOK, E,
+                            HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, HAS_KEEP: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Grid (token blocks, embed blocks), looping over the batch. DOUT: [B, T, E]. DBIAS: [E] fp32,
+    zeroed, added to atomically. DPOS: [N, E]; without keep each program stores its tokens' batch sum,
+    with keep (fp32, zeroed) each token is added atomically at its patch keep[b, t]."""
+    toks = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    es = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+    tok_ok = toks < N_TOK
+    e_ok = es < E
+    ok = tok_ok[:, None] & e_ok[None, :]
+    bias_acc = tl.zeros([BLOCK_E], tl.float32)
+    pos_acc = tl.zeros([BLOCK_M, BLOCK_E], tl.float32)
+    g_ptrs = DOUT + toks[:, None] * sgt + es[None, :] * sge
+    for b in range(0, B):
+        g = tl.load(g_ptrs, mask=ok, other=0.0).to(tl.float32)  # [BM, BE] of sample b
+        g_ptrs += sgb
+        bias_acc += tl.sum(g, 0)
+        if HAS_POS and HAS_KEEP:
+            n = tl.load(KEEP + b * skb + toks * skt, mask=tok_ok, other=0).to(tl.int64)
+            tl.atomic_add(DPOS + n[:, None] * E + es[None, :], g, mask=ok, sem="relaxed")
+        elif HAS_POS:
+            pos_acc += g
+    if HAS_BIAS:
+        tl.atomic_add(DBIAS + es, bias_acc, mask=e_ok, sem="relaxed")
+    if HAS_POS and not HAS_KEEP:
+        tl.store(DPOS + toks.to(tl.int64)[:, None] * E + es[None, :], pos_acc.to(DPOS.dtype.element_ty), mask=ok)
+
+
 def _on_device(t: torch.Tensor):
-    """Launch on t's GPU (Triton launches on the current device); nothing to do for CPU tensors."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+    """Launch on t's GPU when it is not the current one (Triton launches on the current device)."""
+    if t.is_cuda and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -147,62 +187,88 @@ def _keep_args(keep: torch.Tensor | None, dummy: torch.Tensor) -> tuple:
     return (dummy, 0, 0) if keep is None else (keep, *keep.stride())
 
 
-def _splits(m: int, e: int, k: int, device: torch.device) -> int:
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _splits(m: int, e: int, k: int, config: LaunchConfig, device: torch.device) -> int:
     """How many row ranges the dW reduction is split into: enough programs to fill the GPU."""
     if INTERPRETED or device.type != "cuda":
         return min(2, triton.cdiv(m, 16))
-    tiles = triton.cdiv(e, 64) * triton.cdiv(k, 64)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(4 * sms // tiles, triton.cdiv(m, 256)))
+    tiles = triton.cdiv(e, config["BLOCK_E"]) * triton.cdiv(k, config["BLOCK_K"])
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return max(1, min(4 * sms // tiles, triton.cdiv(m, 4 * config["BLOCK_M"])))
 
 
-def patch_embed_forward(x, weight, bias, pos, keep, geo: PatchGeometry) -> torch.Tensor:
+def patch_embed_forward(x, weight, bias, pos, keep, geo: PatchGeometry, config: LaunchConfig | None = None):
     """x: [B, C, *S] -> tokens [B, T, E], T = N or n_keep; weight [E, C, *patch], bias [E], pos [N, E], keep [B, T]."""
     x5 = _as_5d(x)
     w2 = weight.reshape(geo.embed, geo.k)  # [E, K]
     b = x.shape[0]
     n_tok = geo.n_patches if keep is None else keep.shape[1]
     m = b * n_tok
+    if config is None:
+        config = _config("patch_embed_fwd", FWD_CANDIDATES, x,
+                         lambda cfg: patch_embed_forward(x, weight, bias, pos, keep, geo, cfg),
+                         k=geo.k, e=geo.embed, keep=keep is not None)
     out = torch.empty((b, n_tok, geo.embed), dtype=x.dtype, device=x.device)
     pos_t, spn, spe = (w2, 0, 0) if pos is None else (pos, *pos.stride())  # absent tensors: unread placeholders
     keep_t, skb, skt = _keep_args(keep, w2)
-
-    def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(geo.embed, meta["BLOCK_E"]))
-
+    grid = (triton.cdiv(m, config["BLOCK_M"]), triton.cdiv(geo.embed, config["BLOCK_E"]))
     with _on_device(x):
         _patch_embed_fwd[grid](
             x5, w2, w2 if bias is None else bias, pos_t, keep_t, out,
             *x5.stride(), *w2.stride(), spn, spe, skb, skt,
             m, geo.embed, geo.k, n_tok, geo.grid[1], geo.grid[2], *geo.patch,
             HAS_BIAS=bias is not None, HAS_POS=pos is not None, HAS_KEEP=keep is not None,
-            PRECISION=_precision(x.dtype))
+            PRECISION=_precision(x.dtype), **config.launch_options())
     return out
 
 
-def patch_embed_weight_grad(x, dout, keep, geo: PatchGeometry) -> torch.Tensor:
+def patch_embed_weight_grad(x, dout, keep, geo: PatchGeometry, config: LaunchConfig | None = None) -> torch.Tensor:
     """dW [E, K] (fp32) = dout^T @ patches, with patches gathered from x by index arithmetic. dout: [B, T, E]."""
     x5 = _as_5d(x)
     b, n_tok, e = dout.shape
     m = b * n_tok
+    if config is None:
+        config = _config("patch_embed_dw", DW_CANDIDATES, x,
+                         lambda cfg: patch_embed_weight_grad(x, dout, keep, geo, cfg),
+                         k=geo.k, e=e, keep=keep is not None)
     g = dout.reshape(m, e)  # [M, E]
-    splits = _splits(m, e, geo.k, x.device)
+    splits = _splits(m, e, geo.k, config, x.device)
     partial = torch.empty((splits, e, geo.k), dtype=torch.float32, device=x.device)
-
-    def grid(meta):
-        return (triton.cdiv(e, meta["BLOCK_E"]), triton.cdiv(geo.k, meta["BLOCK_K"]), splits)
-
+    grid = (triton.cdiv(e, config["BLOCK_E"]), triton.cdiv(geo.k, config["BLOCK_K"]), splits)
     keep_t, skb, skt = _keep_args(keep, g)
     with _on_device(x):
         _patch_embed_dw[grid](
             x5, g, keep_t, partial, *x5.stride(), *g.stride(), skb, skt,
             m, e, geo.k, n_tok, geo.grid[1], geo.grid[2], splits, *geo.patch,
-            HAS_KEEP=keep is not None, PRECISION=_precision(x.dtype))
-    return partial.sum(0)
+            HAS_KEEP=keep is not None, PRECISION=_precision(x.dtype), **config.launch_options())
+    return partial[0] if splits == 1 else partial.sum(0)
+
+
+def patch_embed_bias_pos_grads(dout, keep, n_patches: int, need_bias: bool, need_pos: bool):
+    """(dbias [E] or None, dpos [N, E] or None) of dout: [B, T, E], in dout's dtype, reduced by one kernel."""
+    b, n_tok, e = dout.shape
+    config = INTERPRETER_REDUCE if INTERPRETED or not dout.is_cuda else REDUCE_CONFIG
+    dbias = torch.zeros(e, dtype=torch.float32, device=dout.device) if need_bias else None
+    dpos = None
+    if need_pos:
+        dpos = (torch.zeros((n_patches, e), dtype=torch.float32, device=dout.device) if keep is not None
+                else torch.empty((n_patches, e), dtype=dout.dtype, device=dout.device))
+    keep_t, skb, skt = _keep_args(keep, dout)
+    grid = (triton.cdiv(n_tok, config["BLOCK_M"]), triton.cdiv(e, config["BLOCK_E"]))
+    with _on_device(dout):
+        _patch_embed_dbias_dpos[grid](
+            dout, keep_t, dout if dbias is None else dbias, dout if dpos is None else dpos,
+            *dout.stride(), skb, skt, b, n_tok, e,
+            HAS_BIAS=need_bias, HAS_POS=need_pos, HAS_KEEP=keep is not None, **config.launch_options())
+    return (None if dbias is None else dbias.to(dout.dtype)), (None if dpos is None else dpos.to(dout.dtype))
 
 
 class FusedPatchEmbed(torch.autograd.Function):
-    """Autograd wrapper: saves x, weight and keep; dW by Triton, dbias/dpos/dx by torch ops."""
+    """Autograd wrapper: saves x, weight and keep; dW, dbias and dpos by Triton, dx by torch ops."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, pos, keep, geo: PatchGeometry):
@@ -220,13 +286,8 @@ class FusedPatchEmbed(torch.autograd.Function):
         dx = dw = dbias = dpos = None
         if need_w:
             dw = patch_embed_weight_grad(x, dout, keep, geo).to(weight.dtype).reshape(weight.shape)
-        if need_bias:
-            dbias = dout.sum((0, 1), dtype=torch.float32).to(dout.dtype)  # [E]
-        if need_pos and keep is None:
-            dpos = dout.sum(0, dtype=torch.float32).to(dout.dtype)  # [N, E]
-        elif need_pos:
-            dpos = torch.zeros((geo.n_patches, e), dtype=torch.float32, device=dout.device)
-            dpos = dpos.index_add_(0, keep.reshape(-1).long(), dout.reshape(-1, e).float()).to(dout.dtype)
+        if need_bias or need_pos:
+            dbias, dpos = patch_embed_bias_pos_grads(dout, keep, geo.n_patches, need_bias, need_pos)
         if need_x:
             dpatch = dout @ weight.reshape(e, geo.k)  # [B, T, K]
             if keep is not None:
