@@ -42,8 +42,13 @@ def requested_backend() -> str:
     return value
 
 
+GPU_DTYPES = (torch.float16, torch.bfloat16)
+
+
 def backend_for(tensor: torch.Tensor) -> str:
-    """'triton' or 'torch' for a call on `tensor`: CUDA tensors use Triton when installed, CPU tensors torch.
+    """'triton' or 'torch' for a call on `tensor`: fp16/bf16 CUDA tensors use Triton when installed;
+    CPU and fp32 tensors use torch (SDPA's fp32 GPU kernels are exact where Triton's fp32 dots would
+    spill registers; training runs under bf16 autocast, so it takes the kernels).
 
     Raises UsageError when `MEDFORMER_KERNELS=triton` forces Triton where it cannot run.
     """
@@ -51,7 +56,8 @@ def backend_for(tensor: torch.Tensor) -> str:
     if requested == "torch":
         return "torch"
     if requested == "auto":
-        return "triton" if tensor.is_cuda and triton_available() else "torch"
+        use = tensor.is_cuda and tensor.dtype in GPU_DTYPES and triton_available()
+        return "triton" if use else "torch"
     if not triton_available():
         raise UsageError(
             f"{BACKEND_ENV}=triton, but Triton cannot be imported",
@@ -62,6 +68,13 @@ def backend_for(tensor: torch.Tensor) -> str:
             f"{BACKEND_ENV}=triton, but the tensors are on {tensor.device.type} and Triton kernels run on CUDA",
             hint=f"move the tensors to a CUDA device, unset {BACKEND_ENV}, or (tests only, slow) set "
             "TRITON_INTERPRET=1 before the first Triton call",
+        )
+    if tensor.is_cuda and tensor.dtype not in GPU_DTYPES:
+        raise UsageError(
+            f"{BACKEND_ENV}=triton, but the tensors are {str(tensor.dtype).removeprefix('torch.')} and the GPU "
+            "kernels take float16 or bfloat16",
+            hint=f"run under torch.autocast (as `medformer train` does), cast to bfloat16, or unset {BACKEND_ENV} "
+            "to run float32 with torch",
         )
     return "triton"
 

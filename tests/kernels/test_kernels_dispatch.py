@@ -212,3 +212,56 @@ def test_interpreted_kernels_refuse_cuda_tensors():
     with pytest.raises(UsageError, match="built for the CPU interpreter"):
         backend.require_built_for(CudaTensor(), interpreted=True)
     backend.require_built_for(CudaTensor(), interpreted=False)
+
+
+@pytest.mark.gpu
+def test_gpu_keep_values_are_read_only_in_debug_mode(monkeypatch):
+    """Reading keep's values would wait for the GPU on every call, so only MEDFORMER_KERNELS_DEBUG=1 does."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from medformer_kernels.checks import DEBUG_ENV, check_patch_embed
+
+    x, w, b, pos = (t.cuda() for t in _patch_args())
+    keep = torch.tensor([[0, 16]], device="cuda")
+    monkeypatch.delenv(DEBUG_ENV, raising=False)
+    check_patch_embed(x, w, b, pos, 2, keep)
+    monkeypatch.setenv(DEBUG_ENV, "1")
+    with pytest.raises(KernelArgumentError, match="indices outside"):
+        check_patch_embed(x, w, b, pos, 2, keep)
+
+
+def test_fp32_cuda_tensors_use_torch_and_forcing_triton_says_why(monkeypatch):
+    """The GPU kernels take fp16/bf16; fp32 CUDA calls go to torch, and forcing Triton names the fix."""
+
+    class CudaTensor:
+        is_cuda = True
+        dtype = torch.float32
+        device = torch.device("cuda")
+
+    monkeypatch.setattr(backend, "triton_available", lambda: True)
+    monkeypatch.delenv(backend.BACKEND_ENV, raising=False)
+    assert backend.backend_for(CudaTensor()) == "torch"
+    half = CudaTensor()
+    half.dtype = torch.bfloat16
+    assert backend.backend_for(half) == "triton"
+    monkeypatch.setenv(backend.BACKEND_ENV, "triton")
+    with pytest.raises(UsageError, match="take float16 or bfloat16") as info:
+        backend.backend_for(CudaTensor())
+    assert "autocast" in info.value.hint
+
+
+@pytest.mark.gpu
+def test_gpu_autocast_runs_the_kernels_in_bf16(spies, monkeypatch):
+    """fp32 parameters and images under bf16 autocast (a training step) reach Triton, as bf16."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    monkeypatch.delenv(backend.BACKEND_ENV, raising=False)
+    x, w, b, pos = (t.cuda().requires_grad_() for t in _patch_args())
+    q, k, v = (t.cuda() for t in _attention_args())
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        tokens = patch_embed(x, w, b, pos, 2)
+        out = attention(q, k, v)
+    assert tokens.dtype == out.dtype == torch.bfloat16
+    assert spies == {"torch": 0, "triton": 2}
+    tokens.float().sum().backward()
+    assert w.grad.dtype == torch.float32 and torch.isfinite(w.grad).all()
