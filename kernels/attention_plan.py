@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from medformer_kernels.configs import LaunchConfig
 
-INTERPRETER_FWD = LaunchConfig.of(1, 1, BLOCK_M=16, BLOCK_N=16)
+INTERPRETER_FWD = LaunchConfig.of(1, 1, BLOCK_M=16, BLOCK_N=16, TMA=0)
 INTERPRETER_BWD = LaunchConfig.of(1, 1, BLOCK_M1=16, BLOCK_N1=16, BLOCK_M2=16, BLOCK_N2=16)
 DELTA_BLOCK = 128
 COMBINE_BLOCK = 32  # rows per program of the split-KV combine pass (an fp32 [rows, d] accumulator)
@@ -32,19 +32,22 @@ class AttentionPlan:
     dq_atomic: bool = False  # backward: dQ added atomically by the key-block programs
 
 
+def _fwd(warps: int, stages: int, block_m: int, block_n: int, tma: int = 1) -> LaunchConfig:
+    return LaunchConfig.of(warps, stages, BLOCK_M=block_m, BLOCK_N=block_n, TMA=tma)
+
+
 def fwd_candidates(d: int, nq: int) -> list[LaunchConfig]:
     """Forward configs for a GPU (fp16/bf16), the pinned default first: query blocks sized to Nq (32
-    latents fill a 32-row tile), 8 warps for the large tiles. None spills on sm_90 (compile_report)."""
+    latents fill a 32-row tile), 8 warps for the large tiles, keys read through TMA descriptors on
+    Hopper (TMA=0, plain loads, is the tuning alternative). None spills on sm_90 (compile_report)."""
     if nq <= 32:  # 32-row tiles run mma.sync; a 64-row wgmma tile, half empty, is the tuning alternative
-        return [LaunchConfig.of(4, 3, BLOCK_M=32, BLOCK_N=64), LaunchConfig.of(4, 3, BLOCK_M=32, BLOCK_N=32),
-                LaunchConfig.of(4, 3, BLOCK_M=64, BLOCK_N=64)]
+        return [_fwd(4, 3, 32, 64), _fwd(4, 3, 32, 64, tma=0), _fwd(4, 3, 32, 32), _fwd(4, 3, 64, 64)]
     if d == 128:
-        return [LaunchConfig.of(8, 3, BLOCK_M=128, BLOCK_N=64), LaunchConfig.of(4, 3, BLOCK_M=64, BLOCK_N=64),
-                LaunchConfig.of(8, 2, BLOCK_M=128, BLOCK_N=128)]
+        return [_fwd(8, 3, 128, 64), _fwd(8, 3, 128, 64, tma=0), _fwd(4, 3, 64, 64), _fwd(8, 2, 128, 128)]
     if nq <= 64:
-        return [LaunchConfig.of(4, 3, BLOCK_M=64, BLOCK_N=64), LaunchConfig.of(4, 3, BLOCK_M=64, BLOCK_N=128)]
-    return [LaunchConfig.of(4, 3, BLOCK_M=128, BLOCK_N=64), LaunchConfig.of(8, 3, BLOCK_M=128, BLOCK_N=128),
-            LaunchConfig.of(8, 4, BLOCK_M=128, BLOCK_N=64), LaunchConfig.of(4, 3, BLOCK_M=64, BLOCK_N=64)]
+        return [_fwd(4, 3, 64, 64), _fwd(4, 3, 64, 64, tma=0), _fwd(4, 3, 64, 128)]
+    return [_fwd(4, 3, 128, 64), _fwd(4, 3, 128, 64, tma=0), _fwd(8, 3, 128, 128), _fwd(8, 4, 128, 64),
+            _fwd(4, 3, 64, 64)]
 
 
 def bwd_candidates(d: int) -> list[LaunchConfig]:

@@ -41,15 +41,25 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _fwd_step(acc, m_i, l_i, q, kt_ptrs, v_ptrs, cols, key_end, qk_scale,
-              MASK: tl.constexpr, PRECISION: tl.constexpr):
-    """One key block of the online softmax. q: [BM, d], k^T: [d, BN], v: [BN, d]; scores in log2 units."""
-    if MASK:
-        kt = tl.load(kt_ptrs, mask=cols[None, :] < key_end, other=0.0)
-        v = tl.load(v_ptrs, mask=cols[:, None] < key_end, other=0.0)
+def _load_kv(K, V, kt_ptrs, v_ptrs, b, h, start, cols, key_end, skn, svn,
+             MASK: tl.constexpr, TMA: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """k^T: [d, BN] and v: [BN, d] of the key block at `start`. With TMA, K and V are tensor descriptors
+    over [B, H, Nk, d] (rows past Nk read as zeros); else pointers, masked past key_end with MASK."""
+    if TMA:
+        kt = tl.trans(K.load([b, h, start, 0]).reshape(BLOCK_N, HEAD_DIM))
+        v = V.load([b, h, start, 0]).reshape(BLOCK_N, HEAD_DIM)
+    elif MASK:
+        kt = tl.load(kt_ptrs + start * skn, mask=cols[None, :] < key_end, other=0.0)
+        v = tl.load(v_ptrs + start * svn, mask=cols[:, None] < key_end, other=0.0)
     else:
-        kt = tl.load(kt_ptrs)
-        v = tl.load(v_ptrs)
+        kt = tl.load(kt_ptrs + start * skn)
+        v = tl.load(v_ptrs + start * svn)
+    return kt, v
+
+
+@triton.jit
+def _fwd_step(acc, m_i, l_i, q, kt, v, cols, key_end, qk_scale, MASK: tl.constexpr, PRECISION: tl.constexpr):
+    """One key block of the online softmax. q: [BM, d], k^T: [d, BN], v: [BN, d]; scores in log2 units."""
     qk = tl.dot(q, kt, input_precision=PRECISION)  # [BM, BN], unscaled
     if MASK:
         qk = tl.where(cols[None, :] < key_end, qk, float("-inf"))
@@ -66,9 +76,11 @@ def _attn_fwd(Q, K, V, O, LSE, qk_scale,
               sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
               H, N_Q, N_K, KEYS_PER_SPLIT,
               HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr):
     """Grid (query blocks, B*H, key ranges). Without SPLIT: O [B, H, Nq, d] and LSE [B*H, Nq] (log2 of
-    the row sums). With SPLIT: O is the fp32 partial [ranges, B*H, Nq, d] and LSE [ranges, B*H, Nq]."""
+    the row sums). With SPLIT: O is the fp32 partial [ranges, B*H, Nq, d] and LSE [ranges, B*H, Nq].
+    With TMA, K and V are tensor descriptors (block [1, 1, BLOCK_N, d]) and the key loads use the
+    Hopper tensor memory accelerator."""
     bh = tl.program_id(1)
     split = tl.program_id(2)
     b = (bh // H).to(tl.int64)
@@ -78,8 +90,12 @@ def _attn_fwd(Q, K, V, O, LSE, qk_scale,
     dims = tl.arange(0, HEAD_DIM)
     row_ok = rows < N_Q
     q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqn + dims[None, :] * sqd, mask=row_ok[:, None], other=0.0)
-    kt_ptrs = K + b * skb + h * skh + cols[None, :] * skn + dims[:, None] * skd  # k^T: [d, BN]
-    v_ptrs = V + b * svb + h * svh + cols[:, None] * svn + dims[None, :] * svd  # [BN, d]
+    if TMA:
+        kt_ptrs = K  # unused: descriptors address blocks by (b, h, key, 0)
+        v_ptrs = V
+    else:
+        kt_ptrs = K + b * skb + h * skh + cols[None, :] * skn + dims[:, None] * skd  # k^T: [d, BN]
+        v_ptrs = V + b * svb + h * svh + cols[:, None] * svn + dims[None, :] * svd  # [BN, d]
 
     key_start = split * KEYS_PER_SPLIT
     key_end = tl.minimum(N_K, key_start + KEYS_PER_SPLIT)
@@ -88,11 +104,13 @@ def _attn_fwd(Q, K, V, O, LSE, qk_scale,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     for start in range(key_start, full_end, BLOCK_N):
-        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, kt_ptrs + start * skn, v_ptrs + start * svn, start + cols,
-                                  key_end, qk_scale, False, PRECISION)
+        kt, v = _load_kv(K, V, kt_ptrs, v_ptrs, bh // H, bh % H, start, start + cols, key_end, skn, svn,
+                         False, TMA, BLOCK_N, HEAD_DIM)
+        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, kt, v, start + cols, key_end, qk_scale, False, PRECISION)
     if full_end < key_end:
-        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, kt_ptrs + full_end * skn, v_ptrs + full_end * svn,
-                                  full_end + cols, key_end, qk_scale, True, PRECISION)
+        kt, v = _load_kv(K, V, kt_ptrs, v_ptrs, bh // H, bh % H, full_end, full_end + cols, key_end, skn, svn,
+                         True, TMA, BLOCK_N, HEAD_DIM)
+        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, kt, v, full_end + cols, key_end, qk_scale, True, PRECISION)
 
     out = acc / l_i[:, None]
     lse = m_i + tl.math.log2(l_i)
@@ -315,6 +333,27 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def _tma_ready(t: torch.Tensor) -> bool:
+    """Whether a [B, H, N, d] tensor can be read through a TMA descriptor: a Hopper-or-newer GPU, unit
+    last stride, 16-byte aligned base and strides (or the interpreter, for tests)."""
+    if not INTERPRETED and not (t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9):
+        return False
+    size = t.element_size()
+    return (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+            and all(stride * size % 16 == 0 for stride in t.stride()[:-1]))
+
+
+def _key_operands(k, v, config) -> tuple:
+    """(K, V, TMA flag) for the forward: descriptors when the config asks for TMA and the layout allows."""
+    if not config["TMA"] or not (_tma_ready(k) and _tma_ready(v)):
+        return k, v, 0
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    block = [1, 1, config["BLOCK_N"], k.shape[3]]
+    return (TensorDescriptor(k, list(k.shape), list(k.stride()), block),
+            TensorDescriptor(v, list(v.shape), list(v.stride()), block), 1)
+
+
 def attention_forward(q, k, v, scale: float, plan: AttentionPlan) -> tuple[torch.Tensor, torch.Tensor]:
     """q: [B, H, Nq, d], k/v: [B, H, Nk, d] -> (o: [B, H, Nq, d], lse: [B*H, Nq] fp32, base 2)."""
     b, h, n_q, d = q.shape
@@ -326,17 +365,18 @@ def attention_forward(q, k, v, scale: float, plan: AttentionPlan) -> tuple[torch
     keys_per_split = _round_up(-(-n_k // splits), block_n)
     splits = -(-n_k // keys_per_split)  # every range holds at least one key
     grid = (triton.cdiv(n_q, block_m), b * h, splits)
+    k_in, v_in, tma = _key_operands(k, v, plan.fwd)
+    options = {**plan.fwd.launch_options(), "TMA": tma}
     with _on_device(q):
         if splits == 1:
-            _attn_fwd[grid](q, k, v, o, lse, scale * LOG2E, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-                            h, n_q, n_k, n_k, HEAD_DIM=d, PRECISION=_precision(q.dtype), SPLIT=False,
-                            **plan.fwd.launch_options())
+            _attn_fwd[grid](q, k_in, v_in, o, lse, scale * LOG2E, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+                            h, n_q, n_k, n_k, HEAD_DIM=d, PRECISION=_precision(q.dtype), SPLIT=False, **options)
             return o, lse
         o_part = torch.empty((splits, b * h, n_q, d), dtype=torch.float32, device=q.device)
         lse_part = torch.empty((splits, b * h, n_q), dtype=torch.float32, device=q.device)
-        _attn_fwd[grid](q, k, v, o_part, lse_part, scale * LOG2E, *q.stride(), *k.stride(), *v.stride(),
+        _attn_fwd[grid](q, k_in, v_in, o_part, lse_part, scale * LOG2E, *q.stride(), *k.stride(), *v.stride(),
                         *o.stride(), h, n_q, n_k, keys_per_split, HEAD_DIM=d, PRECISION=_precision(q.dtype),
-                        SPLIT=True, **plan.fwd.launch_options())
+                        SPLIT=True, **options)
         combine_block = 16 if INTERPRETED else COMBINE_BLOCK
         _attn_fwd_combine[(triton.cdiv(n_q, combine_block), b * h)](
             o_part, lse_part, o, lse, *o.stride(), h, b * h, n_q, splits, HEAD_DIM=d, BLOCK_M=combine_block,
