@@ -4,6 +4,7 @@ import contextlib
 import functools
 import inspect
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -13,6 +14,7 @@ from rich.table import Table
 from medformer_cli.console import err, out
 from medformer_core.api.errors import UsageError
 from medformer_kernels import bench
+from medformer_kernels.configs import AUTOTUNE_ENV, CACHE
 
 app = typer.Typer(
     help="Benchmark the fused kernels against torch baselines: ms, TFLOP/s, GB/s and speedup, forward and "
@@ -25,6 +27,9 @@ DTYPE_HELP = "auto (bf16 on GPU, fp32 on CPU), fp32, fp16 or bf16."
 JSON_HELP = "Also write the results (rows, per-shape summary, device and versions) as JSON to this file."
 QUICK_HELP = "Small shapes and short timing (the default on CPU unless --shapes is given)."
 BUDGET_HELP = "Seconds of repeats per measurement (default 0.25 on GPU, 0.2 on CPU, 0.1 with --quick)."
+AUTOTUNE_HELP = ("Time every candidate launch config of each new shape class once and keep the fastest in the "
+                 "config cache (MEDFORMER_KERNEL_CACHE, default ~/.cache/medformer/kernel_configs.json), which "
+                 "later runs and training read. Without it the pinned or cached configs run.")
 THREADS_HELP = "CPU threads for torch (torch.set_num_threads); 1 gives steadier numbers on a busy machine."
 
 
@@ -132,6 +137,7 @@ SHARED_OPTIONS = [
         ("quick", bool, typer.Option(False, "--quick", help=QUICK_HELP)),
         ("budget", float, typer.Option(None, help=BUDGET_HELP)),
         ("threads", int, typer.Option(None, help=THREADS_HELP)),
+        ("autotune", bool, typer.Option(False, "--autotune", help=AUTOTUNE_HELP)),
     ]
 ]
 
@@ -146,13 +152,32 @@ def _bench_command(name: str):
 
 
 def _run(op: str, shapes: str | None, full: str, small: str, parse, run, *, dtype: str, device: str,
-         json_file: Path | None, quick: bool, budget: float | None, threads: int | None) -> None:
+         json_file: Path | None, quick: bool, budget: float | None, threads: int | None, autotune: bool) -> None:
     """Parse `shapes` (default: `full` on GPU, else `small`), `run` the benchmark, report it."""
     dev, dt, budget = _setup(device, dtype, quick, budget)
     shape_list = parse(shapes or _default_shapes(dev, quick, full, small))
-    with _cpu_threads(threads):
+    with _cpu_threads(threads), _autotune(autotune):
         result = run(shape_list, dt, dev, budget, on_shape=_start(op, dev, dt))
     _report(result, json_file)
+
+
+@contextlib.contextmanager
+def _autotune(enabled: bool):
+    """MEDFORMER_AUTOTUNE=1 for the duration of a command when asked (see medformer_kernels.configs)."""
+    if not enabled:
+        yield
+        return
+    before = os.environ.get(AUTOTUNE_ENV)
+    os.environ[AUTOTUNE_ENV] = "1"
+    CACHE.clear()
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(AUTOTUNE_ENV, None)
+        else:
+            os.environ[AUTOTUNE_ENV] = before
+        CACHE.clear()
 
 
 @_bench_command("attention")

@@ -33,10 +33,11 @@ from medformer_kernels.reference import (
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
-# The issue's shapes: self attention BxHxNxd; cross attention BxHxNqxNkxd (64 latents over 343 and
-# 4,096 tokens, and 4,096 queries back over 64 latents).
+# The model's shapes: self attention BxHxNxd; cross attention BxHxNqxNkxd (64 and 256 latents over
+# 343, 4,096 and 32,768 tokens, and 4,096 queries back over 64 latents).
 ATTENTION_SHAPES = ("32x6x50x64,32x6x197x64,16x6x343x64,8x6x1024x64,4x12x4096x64,"
-                    "32x6x64x343x64,8x6x64x4096x64,8x6x4096x64x64")
+                    "32x6x64x343x64,8x6x64x4096x64,8x6x256x4096x64,2x6x64x32768x64,2x6x256x32768x64,"
+                    "8x6x4096x64x64")
 ATTENTION_QUICK = "8x6x50x64,4x6x197x64,8x6x64x343x64"
 # BxCx<spatial>:patch:E
 PATCH_SHAPES = "8x1x64x64x64:4:384,32x1x28x28x28:4:384,128x3x224x224:16:384"
@@ -285,8 +286,12 @@ def _meta(op: str, device: torch.device, dtype: torch.dtype, budget_s: float) ->
             "budget_s": budget_s}
 
 
-def _use_triton(device: torch.device, result: BenchResult) -> bool:
-    """Whether the Triton kernels are timed here; notes why not on CPU."""
+def _use_triton(device: torch.device, dtype: torch.dtype, result: BenchResult) -> bool:
+    """Whether the Triton kernels are timed here; notes why not on CPU or in fp32."""
+    if device.type == "cuda" and dtype == torch.float32:
+        result.notes.append("fp32: the dispatch runs fp32 CUDA tensors with torch (the GPU kernels take fp16 "
+                            "and bf16), so 'medformer' is the torch reference.")
+        return False
     if device.type != "cuda":
         result.notes.append("CPU: the Triton kernels need a GPU (the interpreter is for tests, not timing), so "
                             "'medformer' is the torch reference that the dispatch runs on CPU tensors.")
@@ -301,7 +306,8 @@ def _use_triton(device: torch.device, result: BenchResult) -> bool:
 
 
 def _sdpa_impls(device: torch.device, q, k, v) -> list[_Impl]:
-    """torch SDPA pinned to each backend torch may pick on this device; unsupported ones are skipped later.
+    """torch SDPA pinned to each backend torch may pick on this device, each its own baseline (the
+    targets name the flash backend); unsupported ones are skipped later.
 
     The backend is pinned around the whole measurement, so its setting costs nothing per call.
     """
@@ -313,7 +319,7 @@ def _sdpa_impls(device: torch.device, q, k, v) -> list[_Impl]:
     else:
         backends = [("flash", SDPBackend.FLASH_ATTENTION), ("math", SDPBackend.MATH)]
 
-    return [_Impl(f"torch SDPA ({name})", "torch SDPA", lambda: attention_sdpa(q, k, v),
+    return [_Impl(f"torch SDPA ({name})", f"torch SDPA ({name})", lambda: attention_sdpa(q, k, v),
                   functools.partial(sdpa_kernel, backend)) for name, backend in backends]
 
 
@@ -321,7 +327,7 @@ def bench_attention(shapes: list[AttentionShape], dtype: torch.dtype, device: to
                     budget_s: float, on_shape: ShapeDone | None = None) -> BenchResult:
     """Fused attention vs torch SDPA (each backend) and naive attention, forward and forward+backward."""
     result = BenchResult("attention", _meta("attention", device, dtype, budget_s))
-    use_triton = _use_triton(device, result)
+    use_triton = _use_triton(device, dtype, result)
     if use_triton:
         from medformer_kernels.triton_attention import attention_triton as ours
     else:
@@ -356,7 +362,7 @@ def bench_patch_embed(shapes: list[PatchShape], dtype: torch.dtype, device: torc
     """Fused patch embedding vs Conv (kernel = stride), reshape+linear+add and, with keep, embed-all-then-gather."""
     result = BenchResult("patch-embed", _meta("patch-embed", device, dtype, budget_s))
     result.meta["keep_fraction"] = keep_fraction
-    use_triton = _use_triton(device, result)
+    use_triton = _use_triton(device, dtype, result)
     if use_triton:
         from medformer_kernels.triton_patch_embed import patch_embed_triton
     for shape in shapes:

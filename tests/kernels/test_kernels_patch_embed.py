@@ -1,7 +1,7 @@
 """Fused patch embedding (Triton) against the torch reference: values and gradients, 2D and 3D.
 
 CPU: the kernels run in Triton's interpreter (tiny shapes, odd channel counts, patch sizes 2 to 8,
-keep subsets, fp32 and fp16). GPU (marked): bf16 and the issue's shapes, judged against torch's own
+keep subsets, fp32 and fp16). GPU (marked): bf16 and the benchmark shapes, judged against torch's own
 error in the same dtype. The reference itself is checked against Conv2d/Conv3d.
 """
 
@@ -143,9 +143,9 @@ def test_patch_order_is_conv_order():
     torch.testing.assert_close(tokens[1 * 4 + 0 * 2 + 1], conv[:, 1, 0, 1])
 
 
-# ---- GPU: bf16 (the interpreter miscomputes bf16 dots) and the issue's shapes ----
+# ---- GPU: bf16 (the interpreter miscomputes bf16 dots) and the benchmark shapes ----
 
-ISSUE_SHAPES = [((8, 1, 64, 64, 64), 4, 384), ((32, 1, 28, 28, 28), 4, 384), ((128, 3, 224, 224), 16, 384)]
+BENCH_SHAPES = [((8, 1, 64, 64, 64), 4, 384), ((32, 1, 28, 28, 28), 4, 384), ((128, 3, 224, 224), 16, 384)]
 
 
 def _assert_close_as_torch(patch, args):
@@ -173,6 +173,6 @@ def test_gpu_bf16_matches_reference(cuda_device, shape, patch, e, keep):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("keep", [None, "subset"])
-@pytest.mark.parametrize("shape,patch,e", ISSUE_SHAPES, ids=_case_id)
-def test_gpu_issue_shapes_bf16(cuda_device, shape, patch, e, keep):
+@pytest.mark.parametrize("shape,patch,e", BENCH_SHAPES, ids=_case_id)
+def test_gpu_bench_shapes_bf16(cuda_device, shape, patch, e, keep):
     _assert_close_as_torch(patch, _inputs(shape, patch, e, torch.bfloat16, cuda_device, keep=keep, x_grad=False))
