@@ -2,6 +2,9 @@
 
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -72,3 +75,14 @@ def test_missing_results_are_not_measured_and_steps_are_listed(gpu_summary, tmp_
     assert "| no shipped config spills (sm_90 compile report) | 0 spilling | 1 of 2 spill or fail | missed |" in text
     assert "| bench attention | 124 | 110 |" in text
     assert "0 of 8 targets met." in text
+
+
+def test_gpu_check_dry_run_lists_every_step_and_writes_a_summary(tmp_path):
+    """The script itself on a machine without a GPU: every step announced, a summary written."""
+    script = SCRIPT.parents[1] / "scripts" / "gpu_check.sh"
+    env = os.environ | {"DRY_RUN": "1", "OUT": str(tmp_path), "PYTHON": sys.executable}
+    done = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    for step in ("environment", "compile report", "GPU tests", "bench attention", "bench patch-embed", "train step"):
+        assert f"== {step}" in done.stdout
+    assert "0 of 8 targets met." in (tmp_path / "summary.md").read_text()

@@ -61,6 +61,22 @@ def test_bench_attention_on_cpu(tmp_path):
     assert all(row["fwd_ms"] > 0 and row["fwdbwd_tflops"] > 0 for row in data["rows"])
 
 
+def test_autotune_option_is_set_for_the_run_only(tmp_path, monkeypatch):
+    from medformer_kernels import configs
+
+    monkeypatch.delenv(configs.AUTOTUNE_ENV, raising=False)
+    seen = []
+    real = bench.bench_attention
+
+    def spy(*args, **kwargs):
+        seen.append(configs.autotune_enabled())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "bench_attention", spy)
+    _run(tmp_path, "attention", "--shapes", "1x1x4x16", "--autotune")
+    assert seen == [True] and not configs.autotune_enabled()
+
+
 def test_threads_option_is_restored(tmp_path):
     before = torch.get_num_threads()
     _run(tmp_path, "attention", "--shapes", "1x1x4x16")
