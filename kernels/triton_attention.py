@@ -333,10 +333,15 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+@functools.cache
+def _capability(index: int | None) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
 def _tma_ready(t: torch.Tensor) -> bool:
     """Whether a [B, H, N, d] tensor can be read through a TMA descriptor: a Hopper-or-newer GPU, unit
     last stride, 16-byte aligned base and strides (or the interpreter, for tests)."""
-    if not INTERPRETED and not (t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9):
+    if not INTERPRETED and not (t.is_cuda and _capability(t.device.index)[0] >= 9):
         return False
     size = t.element_size()
     return (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
