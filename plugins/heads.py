@@ -1,13 +1,13 @@
-"""Output heads `label`, `dense` and `embedding`: small maps from query features [B, Q, E].
+"""Output heads `label`, `dense`, `segment` and `embedding`: small maps from query features [B, Q, E].
 
 - label:     pools the queries, then LayerNorm + Linear -> logits [B, num_outputs]. With
              `ordinal=True` it is a CORAL head (Cao et al., 2020): one shared weight vector and
              num_outputs ordered biases -> cumulative logits [B, num_outputs], logit k for P(y > k).
 - dense:     per query LayerNorm + Linear -> the pixels of its patch [B, Q, channels * prod(patch)].
 - segment:   per query LayerNorm + Linear -> `hidden` features per voxel of its patch (the
-             upsampling), unpatchified; a residual 3x3(x3) convolution over them and the input
-             image (a skip that sharpens boundaries), then a per-voxel Linear -> class logits
-             [B, num_classes, *S].
+             upsampling), unpatchified; a residual 3x3(x3) convolution over them and the
+             instance-normalised input image (a skip that sharpens boundaries), then a per-voxel
+             Linear -> class logits [B, num_classes, *S].
 - embedding: pools the queries, then a SimCLR projection MLP -> [B, out_dim].
 """
 
@@ -66,7 +66,7 @@ class SegmentHead(nn.Module):
     def __init__(self, embed_dim: int, channels: int, patch_size: tuple[int, ...], num_classes: int = 2,
                  hidden: int = 16):
         super().__init__()
-        self.patch_size, self.hidden, self.num_classes = tuple(patch_size), hidden, num_classes
+        self.patch_size, self.hidden = tuple(patch_size), hidden
         self.norm = nn.LayerNorm(embed_dim)
         self.upsample = nn.Linear(embed_dim, hidden * math.prod(patch_size))
         conv = nn.Conv2d if len(patch_size) == 2 else nn.Conv3d
