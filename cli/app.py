@@ -5,7 +5,7 @@ import sys
 import typer
 from rich.markup import escape
 
-from medformer_cli import bench, datasets_cmd, plugins_cmd, train_cmd
+from medformer_cli import bench, datasets_cmd, plugins_cmd, predict_cmd, train_cmd
 from medformer_cli.console import err
 from medformer_core.api.errors import MedformerError
 from medformer_core.api.plugins import medformer_version, plugin_manager
@@ -38,6 +38,7 @@ def build_app() -> typer.Typer:
     app.command("train")(train_cmd.train)
     app.command("finetune")(train_cmd.finetune)
     app.command("eval")(train_cmd.evaluate)
+    app.command("predict")(predict_cmd.predict)
     pm, _, _ = plugin_manager()
     pm.hook.register_commands(app=app)
     return app

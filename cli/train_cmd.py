@@ -125,14 +125,17 @@ def print_summary(summary: RunSummary, config: RunConfig) -> None:
 def finetune(
     dataset: str = typer.Option(None, "--dataset", "-d",
                                 help="A labeled dataset, e.g. retinamnist (required unless --resume)."),
+    task: str = typer.Option(None, "--task",
+                             help="classification or segmentation (default: classification when the dataset "
+                                  "has class labels, else segmentation of its masks)."),
     source: str = typer.Option(None, "--from",
                                help="A `medformer train` run directory or an exported encoder. "
                                     "Omit to train from scratch."),
     linear_probe: bool = typer.Option(False, "--linear-probe", help="Freeze the encoder; train only the head."),
     label_fraction: float = typer.Option(None, min=0.0, max=1.0,
                                          help="Fraction of training labels, stratified and seeded (default 1)."),
-    epochs: int = typer.Option(None, min=1, help="Epochs over the labeled train split (default 30)."),
-    batch_size: int = typer.Option(None, min=1, help="Samples per batch (default 64)."),
+    epochs: int = typer.Option(None, min=1, help="Epochs over the labeled train split (default 30; segmentation 8)."),
+    batch_size: int = typer.Option(None, min=1, help="Samples per batch (default 64; segmentation 16)."),
     lr: float = typer.Option(None, min=0.0, help="Learning rate (default 1e-3; 1e-2 for a linear probe)."),
     layer_decay: float = typer.Option(None, min=0.0, max=1.0,
                                       help="Layer-wise LR decay from the head down, e.g. 0.75 (default 1: off)."),
@@ -153,11 +156,13 @@ def finetune(
     resume: bool = typer.Option(False, "--resume", help="Continue the fine-tune in --out from its last checkpoint."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ):
-    """Fine-tune (or linear-probe) a pretrained encoder on a labeled dataset; report test AUC and ACC."""
+    """Fine-tune (or linear-probe) a pretrained encoder on a labeled dataset; report test AUC and ACC
+    (classification) or per-class Dice (segmentation)."""
     from medformer_core.downstream.finetune import PROBE_LR, FinetuneConfig, Finetuner, read_finetune_config
 
     given = {
-        "dataset": dataset, "source": source, "linear_probe": linear_probe or None, "label_fraction": label_fraction,
+        "dataset": dataset, "task": task, "source": source, "linear_probe": linear_probe or None,
+        "label_fraction": label_fraction,
         "epochs": epochs, "batch_size": batch_size, "lr": lr, "layer_decay": layer_decay, "eval_every": eval_every,
         "label_smoothing": label_smoothing, "ema": ema, "mixup": mixup, "model": model,
         "model_options": _toml_values(split_pairs(model_option, "--model-option", "--model-option depth=2")) or None,
@@ -205,9 +210,22 @@ def evaluate(
 
 
 def print_results(results: list[dict], caption: str) -> None:
+    if "mean_dice" in results[0]["test"]:
+        return print_dice(results, caption)
     table = Table(title=caption)
     for column in ("dataset", "mode", "AUC", "ACC"):
         table.add_column(column)
     for r in results:
         table.add_row(r["dataset"], r["mode"], f"{r['test']['auc']:.4f}", f"{r['test']['acc']:.4f}")
+    out.print(table)
+
+
+def print_dice(results: list[dict], caption: str) -> None:
+    """Segmentation results: mean foreground Dice and each class's Dice."""
+    table = Table(title=caption)
+    for column in ("dataset", "mode", "mean Dice", "per-class Dice"):
+        table.add_column(column)
+    for r in results:
+        classes = " ".join(f"{name} {value:.4f}" for name, value in r["test"]["dice"].items())
+        table.add_row(r["dataset"], r["mode"], f"{r['test']['mean_dice']:.4f}", classes)
     out.print(table)

@@ -18,6 +18,10 @@ Settings (in the argument, or in DatasetOptions.extra; the argument wins):
     val=0.1,test=0.1   split fractions, drawn per sample by a stable hash of its path
     split_seed=0       seed of that hash
 
+Segmentation masks (see folder_masks): the Decathlon's `imagesTr/` + `labelsTr/`, or `image.*`
+beside `label.*` (`mask.*`, `seg.*`) in one folder. With masks, labeled splits hold the samples that
+have one, each mask resampled with its image (nearest neighbour).
+
 Splits: `train/`, `val/` (or `validation/`) and `test/` subfolders if present; else a `split`
 column of the labels CSV; else the hashed fractions. Files that cannot be read are skipped and
 listed in one warning (logger `medformer.data`); a folder with nothing readable is an error.
@@ -31,7 +35,7 @@ import json
 import logging
 import os
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -52,6 +56,7 @@ from medformer_core import (
     stratified_subset,
 )
 from medformer_core.api.options import settings_of
+from medformer_plugins.folder_masks import check_mask, declared_classes, pair_masks
 from medformer_plugins.folder_preprocess import FIT_MODES, INTENSITY_MODES, SLICE_AXES, fit, normalize, slices, to_uint8
 from medformer_plugins.folder_readers import Sample, describe_error, find_samples, read_sample
 from medformer_plugins.medmnist_files import cache_dir
@@ -59,7 +64,7 @@ from medformer_plugins.medmnist_files import cache_dir
 log = logging.getLogger("medformer.data")
 SPLIT_FOLDERS = {"train": "train", "val": "val", "validation": "val", "test": "test"}
 SUPPORTED = ".nii, .nii.gz, .dcm and DICOM without extension, .png, .jpg, .tif, .bmp"
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 WARN_LIMIT = 20
 
 
@@ -124,6 +129,8 @@ class FolderScan:
     dims: int
     channels: int
     unmatched_rows: int = 0
+    masks: dict[str, Sample] = field(default_factory=dict)  # image key -> its mask
+    mask_labels: dict[int, str] = field(default_factory=dict)
 
 
 class Folder(DatasetFactory):
@@ -148,7 +155,7 @@ class Folder(DatasetFactory):
         size = self._size(settings, scan, options)
         counts = Counter()
         for sample in scan.samples:
-            if options.labeled and scan.labels and sample.key not in scan.labels:
+            if options.labeled and _unlabeled(sample, scan):
                 continue
             counts[scan.split[sample.key]] += self._sample_count(sample, settings)
         return DatasetInfo(
@@ -159,6 +166,7 @@ class Folder(DatasetFactory):
             task=("binary-class" if len(scan.class_names) == 2 else "multi-class") if scan.class_names else "none",
             labels=dict(scan.class_names),
             split_sizes={split: counts.get(split, 0) for split in ("train", "val", "test")},
+            mask_labels=dict(scan.mask_labels),
         )
 
     def build(self, split: str, options: DatasetOptions) -> ImageSplit:
@@ -168,8 +176,9 @@ class Folder(DatasetFactory):
         scan = self._scan(settings)
         info = self._info(settings, scan, options)
         with_labels = options.labeled and bool(scan.labels)
-        chosen = [s for s in scan.samples if scan.split[s.key] == split and (not with_labels or s.key in scan.labels)]
-        images, keys, failed = self._load(chosen, settings, scan, info, split)
+        chosen = [s for s in scan.samples
+                  if scan.split[s.key] == split and not (options.labeled and _unlabeled(s, scan))]
+        images, masks, keys, failed = self._load(chosen, settings, scan, info, split, options.labeled)
         self._warn(settings, scan, failed, with_labels)
         if chosen and not keys:
             raise DataError(f"{settings.root}: none of the {len(chosen)} {split} sample(s) could be read",
@@ -178,7 +187,7 @@ class Folder(DatasetFactory):
             raise DataError(f"{settings.root}: the train split is empty",
                             hint="add files, or lower the val/test fractions (e.g. folder:PATH,val=0,test=0)")
         labels = np.array([[scan.labels[k]] for k in keys], dtype=np.int64).reshape(-1, 1) if with_labels else None
-        data = ImageSplit(info, images, labels)
+        data = ImageSplit(info, images, labels, masks=masks)
         if labels is not None and split == "train" and options.label_fraction < 1.0:
             data = data.subset(stratified_subset(labels, options.label_fraction, options.seed))
         return data
@@ -201,6 +210,8 @@ class Folder(DatasetFactory):
     def _scan_uncached(self, settings: Settings, labels_path: Path | None) -> FolderScan:
         root = settings.root
         samples, skipped = find_samples(root, ignore={labels_path} if labels_path else set())
+        samples, masks, unpaired = pair_masks(samples)
+        skipped += unpaired
         if not samples:
             found = f"; {len(skipped)} file(s) skipped: {_listing(skipped)}" if skipped else ""
             raise DataError(f"no images or volumes found in {root}{found}", hint=f"supported: {SUPPORTED}")
@@ -220,8 +231,9 @@ class Folder(DatasetFactory):
         names = {i: str(v) for v, i in index.items()}
         split = self._assign_splits(samples, settings, split_column, skipped)
         samples = [s for s in samples if s.key in split]
+        masks = {k: m for k, m in masks.items() if k in split}
         return FolderScan(samples, split, {k: index[v] for k, v in table.items()}, names, sorted(skipped),
-                          dims, channels, unmatched)
+                          dims, channels, unmatched, masks, declared_classes(root) if masks else {})
 
     def _labels_path(self, settings: Settings) -> Path | None:
         if settings.labels is None:
@@ -257,40 +269,58 @@ class Folder(DatasetFactory):
 
     # -- loading --------------------------------------------------------------------------------
 
-    def _load(self, chosen: list[Sample], settings: Settings, scan: FolderScan, info: DatasetInfo,
-              split: str) -> tuple[np.ndarray, list[str], list[tuple[str, str]]]:
-        """Images [N, C, *size] uint8 of `chosen` (from the cache when it is fresh), keys per image."""
+    def _load(self, chosen: list[Sample], settings: Settings, scan: FolderScan, info: DatasetInfo, split: str,
+              labeled: bool) -> tuple[np.ndarray, np.ndarray | None, list[str], list[tuple[str, str]]]:
+        """Images [N, C, *size] uint8 of `chosen` (from the cache when it is fresh), their masks
+        [N, *size] uint8 (labeled splits of a folder with masks; else None), keys per image."""
         shape = (scan.channels,) + tuple(info.size)
-        key = _cache_key(settings, chosen, shape, split)
+        pairs = [(s, scan.masks.get(s.key) if labeled else None) for s in chosen]
+        with_masks = labeled and bool(scan.masks)
+        key = _cache_key(settings, [p for pair in pairs for p in pair if p], shape, split)
         folder = cache_dir() / "folder" / key
         if (folder / "meta.json").is_file():
             meta = json.loads((folder / "meta.json").read_text())
-            return np.load(folder / "images.npy", mmap_mode="r"), meta["keys"], [tuple(f) for f in meta["failed"]]
-        arrays, keys, failed = [], [], []
-        for sample in chosen:
+            masks = np.load(folder / "masks.npy", mmap_mode="r") if with_masks else None
+            return (np.load(folder / "images.npy", mmap_mode="r"), masks, meta["keys"],
+                    [tuple(f) for f in meta["failed"]])
+        arrays, masks, keys, failed = [], [], [], []
+        for sample, mask in pairs:
             try:
-                pieces = self._process(sample, settings, scan.channels, info.size[0])
+                pieces = self._process(sample, settings, scan.channels, info.size[0], mask, scan.mask_labels)
             except MedformerError:
                 raise
             except Exception as exc:  # an unreadable file is skipped, never fatal
                 failed.append((sample.key, describe_error(exc)))
                 continue
-            arrays += pieces
+            arrays += [image for image, _ in pieces]
+            masks += [m for _, m in pieces if m is not None]
             keys += [sample.key] * len(pieces)
         images = np.stack(arrays) if arrays else np.zeros((0,) + shape, np.uint8)
-        _store(folder, images, {"keys": keys, "failed": failed})
-        return images, keys, failed
+        stacked = (np.stack(masks) if masks else np.zeros((0,) + shape[1:], np.uint8)) if with_masks else None
+        _store(folder, images, {"keys": keys, "failed": failed}, stacked)
+        return images, stacked, keys, failed
 
     @staticmethod
-    def _process(sample: Sample, settings: Settings, channels: int, size: int) -> list[np.ndarray]:
-        """Read, normalise, (slice), convert channels, fit: one sample -> list of [C, *size] uint8."""
+    def _process(sample: Sample, settings: Settings, channels: int, size: int, mask: Sample | None = None,
+                 classes: dict[int, str] | None = None) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        """Read, normalise, (slice), convert channels, fit: one sample -> list of ([C, *size] uint8,
+        its mask [*size] uint8 or None)."""
         scan = read_sample(sample, settings.root)
         array = normalize(scan, settings.intensity, settings.window, settings.percentiles)
+        labels = None
+        if mask is not None:  # one more channel, resampled alike but by nearest neighbour
+            labels = check_mask(read_sample(mask, settings.root).array, array.shape[1:], mask, sample, classes)
+            labels = labels[None].astype(np.float32)
         if array.ndim == 4 and settings.slices != "none":
             planes, spacing = slices(array, scan.spacing, settings.slices)
+            mask_planes = slices(labels, scan.spacing, settings.slices)[0] if labels is not None else None
         else:
-            planes, spacing = [array], scan.spacing
-        return [to_uint8(fit(_convert_channels(p, channels), spacing, size, settings.fit)) for p in planes]
+            planes, spacing, mask_planes = [array], scan.spacing, None if labels is None else [labels]
+        images = [to_uint8(fit(_convert_channels(p, channels), spacing, size, settings.fit)) for p in planes]
+        if mask_planes is None:
+            return [(image, None) for image in images]
+        fitted = [fit(m, spacing, size, settings.fit, nearest=True)[0].astype(np.uint8) for m in mask_planes]
+        return list(zip(images, fitted))
 
     def _size(self, settings: Settings, scan: FolderScan, options: DatasetOptions) -> int:
         return settings.size or options.size or (64 if scan.dims == 3 else 128)
@@ -318,6 +348,11 @@ class Folder(DatasetFactory):
             notes.append(f"{scan.unmatched_rows} row(s) of the labels CSV name no sample")
         if notes:
             log.warning("folder %s: %s", root, "; ".join(notes))
+
+
+def _unlabeled(sample: Sample, scan: FolderScan) -> bool:
+    """Whether a labeled split leaves `sample` out: it lacks a CSV label, or a mask in a folder with masks."""
+    return bool(scan.labels) and sample.key not in scan.labels or bool(scan.masks) and sample.key not in scan.masks
 
 
 def _channel_count(samples: list[Sample], wanted: str | int) -> int:
@@ -398,11 +433,14 @@ def _cache_key(settings: Settings, chosen: list[Sample], shape: tuple, split: st
     return f"{settings.root.resolve().name}-{split}-{digest.hexdigest()[:16]}"
 
 
-def _store(folder: Path, images: np.ndarray, meta: dict) -> None:
+def _store(folder: Path, images: np.ndarray, meta: dict, masks: np.ndarray | None = None) -> None:
     """Write the processed split atomically; a cache that cannot be written is not an error."""
     try:
         with atomic_write(folder / "images.npy") as temp, open(temp, "wb") as f:
             np.save(f, images)
+        if masks is not None:
+            with atomic_write(folder / "masks.npy") as temp, open(temp, "wb") as f:
+                np.save(f, masks)
         with atomic_write(folder / "meta.json") as temp:
             temp.write_text(json.dumps(meta))
     except OSError as exc:

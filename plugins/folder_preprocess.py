@@ -50,8 +50,9 @@ def slices(volume: np.ndarray, spacing: tuple[float, ...], axis: str) -> tuple[l
     return planes, tuple(s for i, s in enumerate(spacing) if i != dim)
 
 
-def fit(array: np.ndarray, spacing: tuple[float, ...], size: int, mode: str) -> np.ndarray:
-    """array [C, *S] in [0, 1] -> [C, size, ...] (one side per spatial axis), resampled with torch."""
+def fit(array: np.ndarray, spacing: tuple[float, ...], size: int, mode: str, nearest: bool = False) -> np.ndarray:
+    """array [C, *S] in [0, 1] -> [C, size, ...] (one side per spatial axis), resampled with torch;
+    `nearest` resamples by nearest neighbour (class masks)."""
     shape = np.array(array.shape[1:], dtype=np.float64)
     extent = shape * np.array(spacing, dtype=np.float64)  # physical size per axis
     if mode == "stretch":
@@ -64,8 +65,12 @@ def fit(array: np.ndarray, spacing: tuple[float, ...], size: int, mode: str) -> 
     if tuple(target) != tuple(array.shape[1:]):
         shrinking = all(t <= s for t, s in zip(target, shape))
         linear = "bilinear" if len(shape) == 2 else "trilinear"
-        x = F.interpolate(x, size=tuple(int(t) for t in target), mode="area" if shrinking else linear,
-                          **({} if shrinking else {"align_corners": False}))
+        target = tuple(int(t) for t in target)
+        if nearest:
+            x = F.interpolate(x, size=target, mode="nearest-exact")
+        else:
+            x = F.interpolate(x, size=target, mode="area" if shrinking else linear,
+                              **({} if shrinking else {"align_corners": False}))
     return _pad_or_crop(x[0], size).numpy()
 
 

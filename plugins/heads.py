@@ -1,9 +1,13 @@
-"""Output heads `label`, `dense` and `embedding`: small maps from query features [B, Q, E].
+"""Output heads `label`, `dense`, `segment` and `embedding`: small maps from query features [B, Q, E].
 
 - label:     pools the queries, then LayerNorm + Linear -> logits [B, num_outputs]. With
              `ordinal=True` it is a CORAL head (Cao et al., 2020): one shared weight vector and
              num_outputs ordered biases -> cumulative logits [B, num_outputs], logit k for P(y > k).
 - dense:     per query LayerNorm + Linear -> the pixels of its patch [B, Q, channels * prod(patch)].
+- segment:   per query LayerNorm + Linear -> `hidden` features per voxel of its patch (the
+             upsampling), unpatchified; a residual 3x3(x3) convolution over them and the
+             instance-normalised input image (a skip that sharpens boundaries), then a per-voxel
+             Linear -> class logits [B, num_classes, *S].
 - embedding: pools the queries, then a SimCLR projection MLP -> [B, out_dim].
 """
 
@@ -11,9 +15,11 @@ import inspect
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from medformer_core import OutputHead, hookimpl
+from medformer_core.model.patches import unpatchify
 
 
 class LabelHead(nn.Module):
@@ -50,6 +56,38 @@ class DenseHead(nn.Module):
         return self.linear(self.norm(features))
 
 
+class SegmentHead(nn.Module):
+    """features [B, N, E] and image [B, channels, *S] -> voxel logits [B, num_classes, *S].
+
+    Without `image` (no skip) it returns the per-patch logits [B, Q, num_classes * prod(patch)]
+    in the dense layout, for any queried patches.
+    """
+
+    def __init__(self, embed_dim: int, channels: int, patch_size: tuple[int, ...], num_classes: int = 2,
+                 hidden: int = 16):
+        super().__init__()
+        self.patch_size, self.hidden = tuple(patch_size), hidden
+        self.norm = nn.LayerNorm(embed_dim)
+        self.upsample = nn.Linear(embed_dim, hidden * math.prod(patch_size))
+        conv = nn.Conv2d if len(patch_size) == 2 else nn.Conv3d
+        self.refine = conv(hidden + channels, hidden, kernel_size=3, padding=1)
+        self.classify = nn.Linear(hidden, num_classes)
+        nn.init.trunc_normal_(self.upsample.weight, std=0.02)
+        nn.init.zeros_(self.upsample.bias)
+        nn.init.zeros_(self.classify.bias)
+
+    def forward(self, features: torch.Tensor, image: torch.Tensor | None = None) -> torch.Tensor:
+        voxels = self.upsample(self.norm(features))  # [B, Q, hidden * prod(patch)]
+        if image is None:
+            b, q = voxels.shape[:2]
+            per_voxel = voxels.reshape(b, q, self.hidden, -1).transpose(2, 3)  # [B, Q, prod(patch), hidden]
+            return self.classify(per_voxel).transpose(2, 3).reshape(b, q, -1)  # [B, Q, K * prod(patch)]
+        voxels = unpatchify(voxels, self.patch_size, self.hidden, tuple(image.shape[2:]))  # [B, hidden, *S]
+        skip = F.instance_norm(image.to(voxels.dtype))  # each sample's channels at zero mean, unit variance
+        voxels = voxels + F.gelu(self.refine(torch.cat([voxels, skip], dim=1)))
+        return self.classify(voxels.movedim(1, -1)).movedim(-1, 1)  # [B, K, *S]
+
+
 class EmbeddingHead(nn.Module):
     """features [B, Q, E] -> embedding [B, out_dim] (Linear -> GELU -> Linear on the pooled query)."""
 
@@ -66,12 +104,14 @@ class EmbeddingHead(nn.Module):
 class Head(OutputHead):
     """Registers one head module class under a name."""
 
-    def __init__(self, name: str, module: type[nn.Module], description: str, example_spec: dict, prediction: str):
+    def __init__(self, name: str, module: type[nn.Module], description: str, example_spec: dict, prediction: str,
+                 example_inputs: dict | None = None):
         self.name = name
         self.module = module
         self.description = description
         self.example_spec = example_spec
         self.prediction = prediction
+        self.example_inputs = example_inputs or {}
 
     def build(self, *, embed_dim: int, **spec) -> nn.Module:
         return self.module(embed_dim, **spec)
@@ -91,5 +131,10 @@ def register_adapters(register):
                   "patches [B, Q, channels * prod(patch_size)], one row of pixels per query; with "
                   "queries='patches' Q is the dataset's patch grid (or the positions the task picks, e.g. "
                   "MAE's masked patches) and the model fills in channels and patch_size"))
+    register(Head("segment", SegmentHead, "Voxel class logits: per-patch upsampling, refined with the input image",
+                  {"channels": 1, "patch_size": (2, 2), "num_classes": 3},
+                  "with the input image (ctx.decode(latents, image=view.image)): logits [B, num_classes, *S]; "
+                  "without it, per-patch logits [B, Q, num_classes * prod(patch_size)] in the dense layout",
+                  example_inputs={"image": (2, 1, 2, 10)}))
     register(Head("embedding", EmbeddingHead, "Projection MLP to an embedding (contrastive tasks)",
                   {"out_dim": 16}, "embedding [B, out_dim] from the task's queries, pooled"))

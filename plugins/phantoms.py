@@ -2,7 +2,9 @@
 
 Each sample holds one shape on a noisy, smoothly shaded background; the class is the shape:
 0 ball/disk, 1 box/square, 2 shell/ring, 3 rod (an elongated ellipsoid along a random axis).
-Channels see the same anatomy with different contrasts, as MR sequences do.
+Channels see the same anatomy with different contrasts, as MR sequences do. Each sample's
+segmentation mask is the shape it draws: voxel class 1 ("shape") inside, 0 ("background") outside,
+whatever the shape's kind, so the masks are ground truth exactly aligned with the images.
 
 Settings go in the dataset argument: `--dataset phantoms3d:size=32,channels=2,count=256,classes=3`.
 """
@@ -23,29 +25,33 @@ from medformer_core import (
 )
 
 SHAPES = ("ball", "box", "shell", "rod")
+MASK_LABELS = {0: "background", 1: "shape"}
 SPLIT_FRACTIONS = {"train": 1.0, "val": 0.25, "test": 0.25}
 SPLIT_SEED_OFFSETS = {"train": 0, "val": 1_000_003, "test": 2_000_003}
 
 
 def generate_phantoms(
     count: int, size: int, spatial_dims: int, channels: int = 1, classes: int = 4, seed: int = 0
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Generate `count` phantoms deterministically from `seed`.
 
-    Returns images [count, channels, *([size] * spatial_dims)] uint8 and labels [count, 1] int64.
+    Returns images [count, channels, *S] uint8, labels [count, 1] int64 and masks [count, *S] uint8
+    (1 inside the shape), with S = [size] * spatial_dims.
     """
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, classes, size=count)
     axes = np.linspace(-1.0, 1.0, size, dtype=np.float32)
     grid = np.stack(np.meshgrid(*([axes] * spatial_dims), indexing="ij"))  # [dims, *S]
     images = np.empty((count, channels) + (size,) * spatial_dims, dtype=np.uint8)
+    masks = np.empty((count,) + (size,) * spatial_dims, dtype=np.uint8)
     for i in range(count):
-        images[i] = _one_phantom(grid, int(labels[i]), channels, rng)
-    return images, labels[:, None].astype(np.int64)
+        images[i], masks[i] = _one_phantom(grid, int(labels[i]), channels, rng)
+    return images, labels[:, None].astype(np.int64), masks
 
 
-def _one_phantom(grid: np.ndarray, label: int, channels: int, rng: np.random.Generator) -> np.ndarray:
-    """One sample: grid [dims, *S] -> image [channels, *S] uint8."""
+def _one_phantom(grid: np.ndarray, label: int, channels: int,
+                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """One sample: grid [dims, *S] -> image [channels, *S] uint8 and its mask [*S] uint8."""
     dims = grid.shape[0]
     shape = (dims,) + (1,) * dims
     centre = rng.uniform(-0.3, 0.3, size=dims).astype(np.float32).reshape(shape)
@@ -70,7 +76,7 @@ def _one_phantom(grid: np.ndarray, label: int, channels: int, rng: np.random.Gen
             foreground, background = background, foreground
         noise = rng.normal(0.0, 0.05, size=mask.shape).astype(np.float32)
         image[c] = np.where(mask, foreground, background) + shading + noise
-    return (np.clip(image, 0.0, 1.0) * 255).astype(np.uint8)
+    return (np.clip(image, 0.0, 1.0) * 255).astype(np.uint8), mask.astype(np.uint8)
 
 
 @dataclass(frozen=True)
@@ -111,7 +117,8 @@ class Phantoms(DatasetFactory):
         self.dims = spatial_dims
         self.defaults = defaults
         kind = "images" if spatial_dims == 2 else "volumes"
-        self.description = f"Synthetic {spatial_dims}D phantom {kind} (4 shape classes), generated offline by seed"
+        self.description = (f"Synthetic {spatial_dims}D phantom {kind} (4 shape classes, shape masks), "
+                            "generated offline by seed")
 
     def renamed(self, name: str) -> "Phantoms":
         """A copy registered under another name (for plugins that ship phantom variants)."""
@@ -133,16 +140,19 @@ class Phantoms(DatasetFactory):
             task="multi-class",
             labels={i: SHAPES[i] for i in range(s.classes)},
             split_sizes={split: max(1, int(s.count * f)) for split, f in SPLIT_FRACTIONS.items()},
+            mask_labels=dict(MASK_LABELS),
         )
 
     def build(self, split: str, options: DatasetOptions) -> ImageSplit:
         s = self._settings(options)
         info = self.info(options)
-        images, labels = generate_phantoms(
+        images, labels, masks = generate_phantoms(
             info.split_sizes[split], s.size, self.dims, s.channels, s.classes,
             seed=options.seed + SPLIT_SEED_OFFSETS[split],
         )
-        return ImageSplit(info, images, labels if options.labeled else None)
+        if not options.labeled:
+            return ImageSplit(info, images)
+        return ImageSplit(info, images, labels, masks=masks)
 
 
 @hookimpl

@@ -88,7 +88,7 @@ def test_every_output_head_maps_features_and_backpropagates(name):
     head = registries().output_heads.get(name)
     module = head.build(embed_dim=16, **head.example_spec)
     features = torch.randn(2, 5, 16, requires_grad=True)
-    out = module(features)
+    out = module(features, **{key: torch.rand(shape) for key, shape in head.example_inputs.items()})
     assert out.shape[0] == 2 and torch.isfinite(out).all()
     out.square().mean().backward()
     assert features.grad is not None and all(p.grad is not None for p in module.parameters())

@@ -42,10 +42,12 @@ class TaskContext(Protocol):
         [B, N | n_keep, E] when M == 0); keep [B, n_keep] int64 embeds only those patches
         (indices into the row-major padded grid, e.g. MAE's visible ones). Gradients flow."""
 
-    def decode(self, latents: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, positions: torch.Tensor | None = None,
+               image: torch.Tensor | None = None) -> torch.Tensor:
         """latents [B, M, E] -> the prediction of the head the task's `OutputSpec` names:
         "label": logits [B, num_outputs]; "embedding": [B, out_dim]; "dense": [B, Q, P], one row
-        of pixels per queried patch, at `positions` [B, Q] int64 (every patch, Q = N, when None)."""
+        of pixels per queried patch, at `positions` [B, Q] int64 (every patch, Q = N, when None);
+        "segment" given the encoded `image` [B, C, *S] as a skip: voxel logits [B, K, *S]."""
 
     def patch_size(self, image: torch.Tensor) -> tuple[int, ...]:
         """The patch size of the input adapter of `image` [B, C, *S]: one entry per spatial axis."""

@@ -1,4 +1,4 @@
-"""The data contract: a dataset split is a pair of arrays, a batch is one fancy-index into them."""
+"""The data contract: a dataset split is a few arrays, a batch is one fancy-index into them."""
 
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +28,8 @@ class DatasetOptions:
 @dataclass(frozen=True)
 class DatasetInfo:
     """What a dataset holds. `task` is one of TASK_TYPES (MedMNIST's names); `labels` maps class
-    index to name; `num_outputs` is the number of label columns a supervised head predicts."""
+    index to name. `mask_labels` maps the voxel classes of its segmentation masks to names (0 is
+    the background); empty when the dataset has no masks."""
 
     name: str
     spatial_dims: int
@@ -37,10 +38,15 @@ class DatasetInfo:
     task: str = "none"
     labels: dict[int, str] = field(default_factory=dict)
     split_sizes: dict[str, int] = field(default_factory=dict)
+    mask_labels: dict[int, str] = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
         return len(self.labels)
+
+    @property
+    def has_masks(self) -> bool:
+        return len(self.mask_labels) >= 2
 
 
 @dataclass
@@ -51,12 +57,15 @@ class ImageSplit:
     labels: [N, L] int64 (class index, or 0/1 per column for multi-label) or None (unlabeled)
     index:  [N] sorted rows of `images` this split holds (a subset of a memory-mapped file without
             copying it); None holds every row. `len(split)` is N; labels align with the split.
+    masks:  [M, *S] uint8 voxel classes (keys of `info.mask_labels`), row for row with `images`;
+            None without segmentation masks.
     """
 
     info: DatasetInfo
     images: np.ndarray
     labels: np.ndarray | None = None
     index: np.ndarray | None = None
+    masks: np.ndarray | None = None
 
     def __post_init__(self):
         expected = 2 + self.info.spatial_dims
@@ -67,12 +76,16 @@ class ImageSplit:
             )
         if self.labels is not None and len(self.labels) != len(self):
             raise ValueError(f"{self.info.name}: {len(self.labels)} labels for {len(self)} images")
+        if self.masks is not None and self.masks.shape != self.images.shape[:1] + self.images.shape[2:]:
+            raise ValueError(f"{self.info.name}: masks have shape {tuple(self.masks.shape)}, expected [M, *S] "
+                             f"{(self.images.shape[0],) + tuple(self.images.shape[2:])}")
 
     def __len__(self) -> int:
         return len(self.images) if self.index is None else len(self.index)
 
     def batch(self, indices) -> dict:
-        """Gather `indices` into a batch dict: image [B, C, *S] float32 in [0, 1], label [B, L]."""
+        """Gather `indices` into a batch dict: image [B, C, *S] float32 in [0, 1], label [B, L],
+        mask [B, *S] int64 (when the split has masks)."""
         indices = np.sort(np.asarray(indices))  # sorted reads are faster on memory-mapped files
         rows = indices if self.index is None else self.index[indices]
         images = torch.from_numpy(np.ascontiguousarray(self.images[rows]))
@@ -80,6 +93,8 @@ class ImageSplit:
         batch = {"image": image, "dataset": self.info.name, "spatial_dims": self.info.spatial_dims}
         if self.labels is not None:
             batch["label"] = torch.from_numpy(np.ascontiguousarray(self.labels[indices])).long()
+        if self.masks is not None:
+            batch["mask"] = torch.from_numpy(np.ascontiguousarray(self.masks[rows])).long()
         return batch
 
     def subset(self, positions: np.ndarray) -> "ImageSplit":
@@ -87,7 +102,7 @@ class ImageSplit:
         positions = np.sort(np.asarray(positions, dtype=np.int64))
         rows = positions if self.index is None else self.index[positions]
         labels = None if self.labels is None else self.labels[positions]
-        return ImageSplit(self.info, self.images, labels, rows)
+        return ImageSplit(self.info, self.images, labels, rows, self.masks)
 
 
 def stratified_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:

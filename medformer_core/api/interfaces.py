@@ -75,11 +75,14 @@ class OutputHead(PluginObject):
     """Maps output-query features [B, Q, E] to a task's prediction.
 
     `example_spec` is a spec its `build` accepts (the registry's smoke test builds every head with it);
+    `example_inputs` names the shapes of extra forward inputs that go with features [2, 5, E] in that
+    test (e.g. {"image": (2, 1, 2, 10)} for a head that takes the image as a skip);
     `prediction` says what the built module returns, e.g. "logits [B, num_outputs]".
     """
 
     kind = "output-head"
     example_spec: ClassVar[dict] = {}
+    example_inputs: ClassVar[dict] = {}
     prediction: str = ""
 
     @abstractmethod
@@ -218,6 +221,7 @@ class PretextTask(PluginObject):
     kind = "pretext-task"
     Options: ClassVar[type] = NoOptions
     needs_labels: ClassVar[bool] = False  # skipped on batches without a "label"
+    needs_masks: ClassVar[bool] = False  # skipped on batches without a segmentation "mask"
 
     def __init__(self, weight: float = 1.0, **options):
         self.weight = float(weight)

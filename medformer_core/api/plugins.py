@@ -40,6 +40,7 @@ BUILTIN_PLUGINS = (
     "medformer_plugins.task_restoration",
     "medformer_plugins.task_slice_position",
     "medformer_plugins.task_supervised",
+    "medformer_plugins.task_segmentation",
     "medformer_plugins.task_domain_adversarial",
 )
 

@@ -1,12 +1,13 @@
 """Fine-tuning, linear probing and from-scratch training on one labeled dataset, on the engine.
 
 A fine-tune is a run of the same loop as pretraining (`medformer_core.engine.loop`) with one dataset,
-the `supervised` task and a validation on val every `eval_every` epochs that keeps the best
-weights. Each epoch is a seeded permutation of the labeled train split in full batches. Every
-validation is checkpointed, so `--resume` continues a killed fine-tune exactly. A run directory
-holds `finetune.toml` (how it was made), `model.safetensors` (the weights of the best validation),
-`results.json` (val and test AUC/ACC, per-validation history), `metrics.jsonl`, `plots/` and
-`checkpoints/`.
+one task (`supervised` for classification, `segmentation` for masks) and a validation on val every
+`eval_every` epochs that keeps the best weights (highest AUC, or highest mean Dice). Each epoch
+is a seeded permutation of the labeled train split in full batches. Every validation is
+checkpointed, so `--resume` continues a killed fine-tune exactly. A run directory holds
+`finetune.toml` (how it was made), `model.safetensors` (the weights of the best validation),
+`results.json` (val and test AUC/ACC or per-class Dice, per-validation history), `metrics.jsonl`,
+`plots/` and `checkpoints/`.
 """
 
 import copy
@@ -29,7 +30,7 @@ from medformer_core.engine.builders import build_model
 from medformer_core.engine.checkpoint import save_model_atomically
 from medformer_core.engine.config import write_toml
 from medformer_core.engine.devices import resolve_device
-from medformer_core.engine.evaluation import medmnist_metrics, predict_split
+from medformer_core.engine.evaluation import medmnist_metrics, predict_split, segmentation_metrics
 from medformer_core.engine.loop import Engine, LoopSettings
 from medformer_core.engine.sampling import MultiDatasetSampler
 from medformer_core.engine.schedule import warmup_cosine
@@ -38,6 +39,10 @@ from medformer_core.model.medformer import ModelConfig, read_export_config
 from medformer_core.model.multitask import MultitaskModel
 
 SUPERVISED_TASK = "supervised"
+SEGMENTATION_TASK = "segmentation"
+TASKS = {"classification": SUPERVISED_TASK, "segmentation": SEGMENTATION_TASK}  # --task -> the task plugin
+# Epochs and batch size when not given: segmentation learns from every voxel, so fewer, smaller batches do.
+TASK_DEFAULTS = {SUPERVISED_TASK: {"epochs": 30, "batch_size": 64}, SEGMENTATION_TASK: {"epochs": 8, "batch_size": 16}}
 PROBE_LR = 1e-2  # the default learning rate of a linear probe (only the head trains)
 WEIGHTS_FILE = "model.safetensors"
 
@@ -47,11 +52,12 @@ class FinetuneConfig:
     """A fine-tune (or linear probe, or from-scratch) run on one labeled dataset."""
 
     dataset: str
+    task: str = "auto"  # classification | segmentation | auto (classification when labeled, else masks)
     source: str | None = None  # a pretraining run directory or an exported encoder; None: from scratch
     linear_probe: bool = False
     label_fraction: float = 1.0
-    epochs: int = 30
-    batch_size: int = 64
+    epochs: int | None = None  # None: the task's default (TASK_DEFAULTS)
+    batch_size: int | None = None
     lr: float = 1e-3  # a linear probe takes PROBE_LR
     weight_decay: float = 0.05
     layer_decay: float = 1.0  # LR factor per layer from the head down (MAE/BEiT fine-tuning); 1: off
@@ -74,9 +80,11 @@ class FinetuneConfig:
         return "linear-probe" if self.linear_probe else "finetune"
 
     def validate(self) -> "FinetuneConfig":
+        if self.task not in ("auto", *TASKS):
+            raise UsageError(f"--task must be auto, classification or segmentation, got '{self.task}'")
         if not 0.0 < self.label_fraction <= 1.0:
             raise UsageError(f"--label-fraction must be in (0, 1], got {self.label_fraction}")
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+        if (self.epochs or 1) < 1 or (self.batch_size or 1) < 1 or self.lr <= 0:
             raise UsageError("--epochs and --batch-size must be >= 1 and --lr > 0")
         if not 0.0 < self.layer_decay <= 1.0:
             raise UsageError(f"--layer-decay must be in (0, 1], got {self.layer_decay}",
@@ -109,9 +117,30 @@ def encoder_dir(source: str) -> Path:
                      hint="point --from at a `medformer train` run directory or its encoder/ folder")
 
 
+def task_for(config: FinetuneConfig, info) -> str:
+    """The task plugin a fine-tune of `info` trains: `config.task`, or with "auto" classification
+    when the dataset has class labels and segmentation when it has only masks."""
+    name = config.task
+    if name == "auto":
+        name = "classification" if info.task != "none" or not info.has_masks else "segmentation"
+    if name == "segmentation" and not info.has_masks:
+        raise UsageError(f"dataset '{info.name}' has no segmentation masks",
+                         hint="choose a dataset with masks, e.g. phantoms3d or an MSD folder (imagesTr/labelsTr)")
+    if name == "segmentation" and (config.mixup or config.label_smoothing):
+        raise UsageError("--mixup and --label-smoothing apply to classification only",
+                         hint="drop them for --task segmentation")
+    if name == "classification" and info.task == "none":
+        raise UsageError(f"dataset '{info.name}' has no labels to fine-tune on",
+                         hint="choose a labeled dataset, e.g. a MedMNIST one"
+                              + (", or --task segmentation" if info.has_masks else ""))
+    return TASKS[name]
+
+
 def build_finetune_model(config: FinetuneConfig, info) -> MultitaskModel:
-    """The supervised model for `info`; with a source, its encoder is loaded (and frozen for a probe)."""
-    task = registries().tasks.get(SUPERVISED_TASK).with_options(label_smoothing=config.label_smoothing)
+    """The model of `info`'s fine-tune task; with a source, its encoder is loaded (and frozen for a probe)."""
+    task = registries().tasks.get(task_for(config, info))
+    if task.name == SUPERVISED_TASK:
+        task = task.with_options(label_smoothing=config.label_smoothing)
     if config.source is None:
         return build_model(config.model, [info], [task], **config.model_options)
     source = encoder_dir(config.source)
@@ -181,7 +210,8 @@ class Finetuner(Engine):
         train = factory.build("train", options)
         full = resolve_dataset(config.dataset, data_root=config.data_root, seed=config.seed, labeled=True)
         val, test = (full[0].build(split, full[1]) for split in ("val", "test"))
-        if train.labels is None or train.info.task == "none":
+        self.task_name = task_for(config, train.info)
+        if self.task_name == SUPERVISED_TASK and train.labels is None:
             raise UsageError(f"dataset '{train.info.name}' has no labels to fine-tune on",
                              hint="choose a labeled dataset, e.g. a MedMNIST one")
         return train, val, test
@@ -189,10 +219,12 @@ class Finetuner(Engine):
     def build(self) -> None:
         config = self.config
         self.train_split, self.val, self.test = self._load_splits()
+        defaults = TASK_DEFAULTS[self.task_name]
+        config = self.config = replace(config, **{k: v for k, v in defaults.items() if getattr(config, k) is None})
         info = self.train_split.info
         self.splits = {info.name: self.train_split}
         self.model = build_finetune_model(config, info).to(self.device)
-        self.weighting = make_weighting("fixed", {SUPERVISED_TASK: 1.0})
+        self.weighting = make_weighting("fixed", {self.task_name: 1.0})
         groups = layer_decay_groups(self.model, config.lr, config.layer_decay)
         self.optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
         self.sampler = epoch_sampler(info.name, len(self.train_split), config.batch_size, config.seed,
@@ -202,12 +234,15 @@ class Finetuner(Engine):
         warmup = min(self.total_steps // 10, 5 * self.steps_per_epoch)
         self.scheduler = warmup_cosine(self.optimizer, warmup, self.total_steps)
         dims = info.spatial_dims
-        self.augment = {dims: Augment(dims, rot90=False, crop_scale=(0.8, 1.0), blur_prob=0.0)}
+        if self.task_name == SEGMENTATION_TASK:  # intensity only: the masks keep their geometry
+            self.augment = {dims: Augment(dims, flip_prob=0.0, rot90=False, crop_scale=None, blur_prob=0.0)}
+        else:
+            self.augment = {dims: Augment(dims, rot90=False, crop_scale=(0.8, 1.0), blur_prob=0.0)}
         self.eval_every = config.eval_every or max(1, config.epochs // 20)
         self.settings = replace(self.settings, log_every=self.steps_per_epoch,
                                 checkpoint_every=self.steps_per_epoch * self.eval_every)
         self.ema = WeightEMA(self.model, config.ema) if config.ema else None
-        self.best: dict | None = None  # {"epoch": e, "val": {"auc", "acc"}} of the best validation
+        self.best: dict | None = None  # {"epoch": e, "val": metrics} of the best validation
         self.best_weights: dict[str, torch.Tensor] = {}  # its weights (CPU)
         self.history: list[dict] = []
         self.epoch_loss = [0.0, 0]  # sum and count of the step losses of the current epoch
@@ -235,7 +270,7 @@ class Finetuner(Engine):
     def after_step(self, losses: dict[str, float]) -> None:
         if self.ema is not None:
             self.ema.update(self.model)
-        self.epoch_loss = [self.epoch_loss[0] + losses[SUPERVISED_TASK], self.epoch_loss[1] + 1]
+        self.epoch_loss = [self.epoch_loss[0] + losses[self.task_name], self.epoch_loss[1] + 1]
         if self.step % self.steps_per_epoch:
             return
         epoch = self.step // self.steps_per_epoch
@@ -243,14 +278,18 @@ class Finetuner(Engine):
         if epoch % self.eval_every == 0 or epoch == self.config.epochs:
             self.validate(epoch, train_loss)
 
+    def evaluate(self, model: MultitaskModel, split) -> dict:
+        """The task's metrics of `model` on `split`: AUC/ACC, or per-class and mean Dice."""
+        return split_metrics(model, split, self.task_name, self.device)
+
     def validate(self, epoch: int, train_loss: float) -> None:
-        """Val AUC/ACC into the history and metrics.jsonl; a new best is kept and written to
+        """Val metrics into the history and metrics.jsonl; a new best is kept and written to
         RUN/model.safetensors."""
         model = self.eval_model
-        val = medmnist_metrics(*predict_split(model, self.val, self.device), self.val.info.task)
+        val = self.evaluate(model, self.val)
         self.history.append({"epoch": epoch, "train_loss": train_loss, "val": val})
-        self.write_record({"step": self.step, "epoch": epoch, "val": val},
-                          {"val/auc": val["auc"], "val/acc": val["acc"]})
+        scalars = {f"val/{k}": v for k, v in val.items() if isinstance(v, float)}
+        self.write_record({"step": self.step, "epoch": epoch, "val": val}, scalars)
         if self.best is None or _better(val, self.best["val"]):
             self.best = {"epoch": epoch, "val": val}
             self.best_weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
@@ -287,10 +326,11 @@ class Finetuner(Engine):
         self.model.load_state_dict(self.best_weights)
         if self.dist.is_main:
             save_model_atomically(self.model, self.run_dir / WEIGHTS_FILE)
-        test_metrics = medmnist_metrics(*predict_split(self.model, self.test, self.device), self.test.info.task)
+        test_metrics = self.evaluate(self.model, self.test)
         config, train = self.config, self.train_split
+        task = SEGMENTATION_TASK if self.task_name == SEGMENTATION_TASK else train.info.task
         results = {
-            "dataset": train.info.name, "task": train.info.task, "mode": config.mode, "source": config.source,
+            "dataset": train.info.name, "task": task, "mode": config.mode, "source": config.source,
             "label_fraction": config.label_fraction, "train_samples": len(train), "seed": config.seed,
             "epochs": config.epochs, "best_epoch": self.best["epoch"], "val": self.best["val"], "test": test_metrics,
             "seconds": self.seconds(), "history": self.history,
@@ -325,9 +365,18 @@ def _layer_of(name: str, depth: int) -> int:
     return 0
 
 
+def split_metrics(model: MultitaskModel, split, task: str, device: torch.device) -> dict:
+    """`task`'s metrics on `split`: MedMNIST AUC/ACC (supervised) or per-class Dice (segmentation)."""
+    if task == SEGMENTATION_TASK:
+        return segmentation_metrics(model, split, device)
+    return medmnist_metrics(*predict_split(model, split, device), split.info.task)
+
+
 def _better(candidate: dict, incumbent: dict) -> bool:
-    """Model selection: higher val AUC, then higher val ACC (NaN AUC counts as lowest)."""
-    key = lambda m: (-math.inf if math.isnan(m["auc"]) else m["auc"], m["acc"])  # noqa: E731
+    """Model selection: higher val AUC, then higher val ACC; for segmentation higher mean Dice
+    (NaN counts as lowest)."""
+    score = lambda v: -math.inf if math.isnan(v) else v  # noqa: E731
+    key = lambda m: (score(m["mean_dice"]),) if "mean_dice" in m else (score(m["auc"]), m["acc"])  # noqa: E731
     return key(candidate) > key(incumbent)
 
 
@@ -344,19 +393,26 @@ def read_finetune_config(path: Path) -> FinetuneConfig:
     return FinetuneConfig(**{k: v for k, v in values.items() if k in known})
 
 
-def evaluate_run(run_dir: Path, split: str = "test", data_root: str | None = None, device: str = "auto") -> dict:
-    """Rebuild a fine-tuned model from its run directory and compute MedMNIST metrics on `split`."""
-    config = read_finetune_config(run_dir / "finetune.toml")
-    if data_root is not None:
-        config.data_root = data_root
-    factory, options = resolve_dataset(config.dataset, data_root=config.data_root, seed=config.seed, labeled=True)
-    data = factory.build(split, options)
-    model = build_finetune_model(config, data.info)
+def load_finetuned(run_dir: Path, info, config: FinetuneConfig | None = None) -> MultitaskModel:
+    """The fine-tuned model of a run directory (its best weights), built for dataset `info`."""
+    config = config or read_finetune_config(run_dir / "finetune.toml")
+    model = build_finetune_model(config, info)
     weights = run_dir / WEIGHTS_FILE
     try:
         load_model(model, str(weights))
     except Exception as exc:
         raise CheckpointError(f"cannot load {weights}: {exc}".splitlines()[0]) from None
+    return model
+
+
+def evaluate_run(run_dir: Path, split: str = "test", data_root: str | None = None, device: str = "auto") -> dict:
+    """Rebuild a fine-tuned model from its run directory and compute its task's metrics on `split`."""
+    config = read_finetune_config(run_dir / "finetune.toml")
+    if data_root is not None:
+        config.data_root = data_root
+    factory, options = resolve_dataset(config.dataset, data_root=config.data_root, seed=config.seed, labeled=True)
+    data = factory.build(split, options)
     target = resolve_device(device)
-    metrics = medmnist_metrics(*predict_split(model.to(target), data, target), data.info.task)
+    model = load_finetuned(run_dir, data.info, config).to(target)
+    metrics = split_metrics(model, data, task_for(config, data.info), target)
     return {"dataset": data.info.name, "split": split, "mode": config.mode, **metrics}

@@ -1,4 +1,5 @@
-"""Test metrics exactly as MedMNIST's evaluator computes them (its own getAUC / getACC)."""
+"""Evaluating a model on a split: classification metrics exactly as MedMNIST's evaluator computes
+them (its own getAUC / getACC), and per-class Dice for segmentation."""
 
 import math
 
@@ -7,6 +8,7 @@ import torch
 
 from medformer_core.api.data import ImageSplit
 from medformer_core.api.errors import MedformerError
+from medformer_core.engine.dice import dice_per_class, summarize_dice
 
 
 def medmnist_metrics(y_true: np.ndarray, y_score: np.ndarray, task: str) -> dict[str, float]:
@@ -39,3 +41,19 @@ def predict_split(model, split: ImageSplit, device: torch.device, batch_size: in
         image = batch["image"].to(device)
         scores.append(model.predict({**batch, "image": image}, task=task).float().cpu())
     return np.asarray(split.labels), torch.cat(scores).numpy()
+
+
+@torch.no_grad()
+def segmentation_metrics(model, split: ImageSplit, device: torch.device, batch_size: int = 16,
+                         task: str = "segmentation") -> dict:
+    """Per-class and mean foreground Dice of `model.predict` over a split with masks (see
+    `summarize_dice`), each class averaged over the samples whose prediction or mask holds it."""
+    if split.masks is None:
+        raise ValueError(f"{split.info.name}: cannot score segmentation on a split without masks")
+    model.eval()
+    scores = []
+    for start in range(0, len(split), batch_size):
+        batch = split.batch(np.arange(start, min(start + batch_size, len(split))))
+        probabilities = model.predict({**batch, "image": batch["image"].to(device)}, task=task)  # [B, K, *S]
+        scores.append(dice_per_class(probabilities.argmax(dim=1).cpu(), batch["mask"], probabilities.shape[1]))
+    return summarize_dice(torch.cat(scores).numpy(), split.info.mask_labels)

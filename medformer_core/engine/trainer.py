@@ -127,7 +127,7 @@ class Trainer(Engine):
     def build(self) -> None:
         config = self.config
         tasks = configured_tasks(config)
-        self.splits = load_train_splits(config, labeled=any(task.needs_labels for task in tasks))
+        self.splits = load_train_splits(config, labeled=any(t.needs_labels or t.needs_masks for t in tasks))
         infos = [split.info for split in self.splits.values()]
         if not config.plugins:
             tasks, note = accepting_defaults(tasks, infos, config)

@@ -10,10 +10,11 @@ The training engine's boundary:
     model.encoder.save_pretrained(path); model.load_encoder(path)
 
 A task runs on every batch whose dataset it accepts (`PretextTask.reject_reason` is None); tasks
-with `needs_labels` skip batches without a "label". Every task draws its randomness from the
-`generator` passed in, so a run seeded the same way makes the same views; parameter initialisation
-and stochastic depth use torch's global generator (seed it with torch.manual_seed). The generator
-may live on the CPU while the batch is on a GPU: tasks draw on the generator's device and move.
+with `needs_labels` skip batches without a "label", those with `needs_masks` batches without a
+"mask". Every task draws its randomness from the `generator` passed in, so a run seeded the same way
+makes the same views; parameter initialisation and stochastic depth use torch's global generator
+(seed it with torch.manual_seed). The generator may live on the CPU while the batch is on a GPU:
+tasks draw on the generator's device and move.
 """
 
 import math
@@ -99,8 +100,10 @@ class TaskOutput(nn.Module):
         self.adaptformer = adaptformer
         self.head = head
 
-    def forward(self, latents: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        return self.head(self.adaptformer(latents, positions))
+    def forward(self, latents: torch.Tensor, positions: torch.Tensor | None = None,
+                image: torch.Tensor | None = None) -> torch.Tensor:
+        features = self.adaptformer(latents, positions)
+        return self.head(features) if image is None else self.head(features, image)
 
 
 class ModelTaskContext:
@@ -117,9 +120,11 @@ class ModelTaskContext:
         """image [B, C, *S] (any modality the model embeds) -> latents [B, M, E]."""
         return self.model.encoder(image, self.info.name, keep)
 
-    def decode(self, latents: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """latents [B, M, E] -> the task head's prediction (dense: [B, Q, C * prod(patch)])."""
-        return self.output(latents, positions)
+    def decode(self, latents: torch.Tensor, positions: torch.Tensor | None = None,
+               image: torch.Tensor | None = None) -> torch.Tensor:
+        """latents [B, M, E] -> the task head's prediction (dense: [B, Q, C * prod(patch)]); `image`
+        [B, C, *S] goes to a head that takes the input as a skip (segment)."""
+        return self.output(latents, positions, image)
 
     def patch_size(self, image: torch.Tensor) -> tuple[int, ...]:
         """The patch size of the input adapter of `image` [B, C, *S]."""
@@ -223,7 +228,9 @@ class MultitaskModel(nn.Module):
         info = self.dataset_info(batch)
         results = {}
         for task in self.accepted[info.name]:
-            if task.needs_labels and batch.get("label") is None:
+            missing = [key for key, needed in (("label", task.needs_labels), ("mask", task.needs_masks))
+                       if needed and batch.get(key) is None]
+            if missing:
                 continue
             results[task.name] = task.forward(ModelTaskContext(self, task, info), batch, generator)
         return results

@@ -1,0 +1,195 @@
+"""`medformer predict`: segment whole scans with a segmentation fine-tune.
+
+Each input (a NIfTI volume for a 3D model; a PNG/JPEG image or a 2D NIfTI for a 2D model) is
+brought into the orientation the folder dataset reads (RAS+, [C, Z, Y, X] with anterior up),
+scaled to [0, 1], predicted by a sliding window of the model's input size (overlap, Gaussian
+blending) and written back in the input's own voxel order: OUT/NAME.nii.gz with the input's
+affine and header (OUT/NAME.png for a picture), and a preview OUT/NAME_overlay.png, the middle
+slice(s) with the mask in colour.
+"""
+
+import gzip
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medformer_core.api.datasets import resolve_dataset
+from medformer_core.api.errors import DataError, MedformerError, UsageError
+from medformer_core.api.files import atomic_write
+from medformer_core.downstream.finetune import SEGMENTATION_TASK, load_finetuned, read_finetune_config, task_for
+from medformer_core.downstream.sliding_window import sliding_window
+from medformer_core.engine.devices import resolve_device
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+COLOURS = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48], [145, 30, 180]])
+
+
+@dataclass
+class PredictReport:
+    written: list[Path] = field(default_factory=list)  # the masks
+    padded: list[str] = field(default_factory=list)  # inputs smaller than the window (zero-padded)
+
+
+def find_inputs(path: Path) -> list[Path]:
+    """A scan file, or every NIfTI and picture under a directory (sorted)."""
+    if not path.exists():
+        raise UsageError(f"--input {path} does not exist", hint="give a scan file or a directory of scans")
+    is_scan = lambda p: p.name.lower().endswith(NIFTI_SUFFIXES + PICTURE_SUFFIXES) and not p.name.startswith(".")  # noqa: E731
+    found = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and is_scan(p))
+    if not found:
+        raise UsageError(f"no NIfTI or picture files in {path}", hint="supported: .nii, .nii.gz, .png, .jpg, .tif")
+    return found
+
+
+def predict_run(run_dir: Path, inputs: Path, out_dir: Path, overlap: float = 0.5, device: str = "auto",
+                batch_size: int = 4, data_root: str | None = None) -> PredictReport:
+    """Segment every scan of `inputs` with the fine-tune in `run_dir`, writing into `out_dir`."""
+    config = read_finetune_config(run_dir / "finetune.toml")
+    factory, options = resolve_dataset(config.dataset, data_root=data_root or config.data_root, seed=config.seed)
+    info = factory.info(options)
+    if task_for(config, info) != SEGMENTATION_TASK:
+        raise UsageError(f"{run_dir} is a classification fine-tune", hint="predict needs a --task segmentation run")
+    target = resolve_device(device)
+    model = load_finetuned(run_dir, info, config).to(target).eval()
+    files = find_inputs(inputs)
+    report = PredictReport()
+
+    def probabilities(windows: torch.Tensor) -> torch.Tensor:  # [B, C, *W] -> [B, K, *W]
+        batch = {"image": windows.to(target), "dataset": info.name, "spatial_dims": info.spatial_dims}
+        return model.predict(batch, task=SEGMENTATION_TASK).cpu()
+
+    for path in files:
+        scan = read_scan(path, info.spatial_dims)
+        if scan.array.shape[0] != info.channels:
+            raise DataError(f"{path}: {scan.array.shape[0]} channel(s), the model takes {info.channels}",
+                            hint="give scans of the modality the model was fine-tuned on")
+        if any(s < w for s, w in zip(scan.array.shape[1:], info.size)):
+            report.padded.append(f"{path.name} {'x'.join(map(str, scan.array.shape[1:]))}")
+        image = torch.from_numpy(unit_range(scan.array))
+        mask = sliding_window(image, probabilities, tuple(info.size), overlap, batch_size).argmax(0).numpy()
+        name = path.name.split(".")[0]
+        report.written.append(scan.write_mask(mask.astype(np.uint8), out_dir, name))
+        write_overlay(unit_range(scan.array), mask, out_dir / f"{name}_overlay.png")
+    return report
+
+
+def unit_range(array: np.ndarray) -> np.ndarray:
+    """Intensities [C, *S] -> [0, 1] float32, as the folder dataset's `intensity=auto` default:
+    8-bit values / 255, values already in [0, 1] as they are, CT (reaching -900 HU) through the
+    window -1000..1000 HU, anything else clipped to its 0.5..99.5 percentiles per channel."""
+    x = array.astype(np.float32)
+    if array.dtype == np.uint8:
+        return x / 255.0
+    if x.min() >= 0.0 and x.max() <= 1.0:
+        return x
+    if x.min() <= -900:
+        return np.clip((x + 1000.0) / 2000.0, 0.0, 1.0)
+    out = np.empty_like(x)
+    for c in range(x.shape[0]):
+        low, high = np.percentile(x[c], [0.5, 99.5])
+        out[c] = np.clip((x[c] - low) / (high - low), 0.0, 1.0) if high > low else 0.0
+    return out
+
+
+@dataclass
+class ReadScan:
+    """A scan in model orientation, `array` [C, *S], and how to write a mask [*S] back in the
+    input's own voxel order (`restore`) and format (`source`, `nifti` image or None for pictures)."""
+
+    array: np.ndarray
+    source: Path
+    nifti: object = None
+    orientation: np.ndarray | None = None
+
+    def write_mask(self, mask: np.ndarray, out_dir: Path, name: str) -> Path:
+        if self.nifti is None:
+            from PIL import Image
+
+            path = out_dir / f"{name}.png"
+            with atomic_write(path) as temp:
+                Image.fromarray(mask).save(temp, format="PNG")
+            return path
+        import nibabel as nib
+        from nibabel.orientations import apply_orientation, axcodes2ornt, ornt_transform
+
+        voxels = mask[:, ::-1].T if mask.ndim == 3 else mask[::-1].T  # [Z, Y, X] -> [X, Y, Z], anterior back
+        if voxels.ndim < len(self.orientation):
+            voxels = voxels[..., None]
+        voxels = apply_orientation(voxels, ornt_transform(axcodes2ornt("RAS"), self.orientation))
+        header = self.nifti.header.copy()
+        header.set_data_dtype(np.uint8)
+        header.set_slope_inter(1.0, 0.0)
+        image = nib.Nifti1Image(np.ascontiguousarray(voxels).reshape(self.nifti.shape[:3]), self.nifti.affine, header)
+        path = out_dir / f"{name}.nii.gz"
+        with atomic_write(path) as temp:
+            temp.write_bytes(gzip.compress(image.to_bytes(), compresslevel=6))
+        return path
+
+
+def read_scan(path: Path, spatial_dims: int) -> ReadScan:
+    """Read one input for a model of `spatial_dims`: a NIfTI (3D, 4D: channels last; 2D for a 2D
+    model) or a picture (2D only)."""
+    if path.name.lower().endswith(NIFTI_SUFFIXES):
+        return _read_nifti(path, spatial_dims)
+    if spatial_dims != 2:
+        raise DataError(f"{path}: a picture, but the model segments 3D volumes", hint="give NIfTI volumes")
+    from PIL import Image
+
+    try:
+        with Image.open(path) as picture:
+            pixels = np.asarray(picture.convert("L" if picture.mode in ("1", "L", "LA", "I", "F") else "RGB"))
+    except OSError as exc:
+        raise DataError(f"{path}: not a readable picture ({exc})".splitlines()[0]) from None
+    return ReadScan(pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1), path)
+
+
+def _read_nifti(path: Path, spatial_dims: int) -> ReadScan:
+    try:
+        import nibabel as nib
+        from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
+    except ImportError:
+        raise MedformerError("reading NIfTI needs nibabel", hint="pip install 'medformer[nifti]'") from None
+    try:
+        image = nib.load(path)
+        data = np.asarray(image.dataobj)  # scaled by the header's slope and intercept when it has them
+    except Exception as exc:
+        raise DataError(f"{path}: not a readable NIfTI ({exc})".splitlines()[0],
+                        hint="check the file, or leave it out of --input") from None
+    shape = image.shape
+    depth = shape[2] if len(shape) >= 3 else 1
+    if (spatial_dims == 3 and (len(shape) not in (3, 4) or depth == 1)) or (spatial_dims == 2 and depth != 1):
+        raise DataError(f"{path}: shape {shape} is not a {spatial_dims}D scan",
+                        hint=f"the model segments {spatial_dims}D {'volumes' if spatial_dims == 3 else 'images'}")
+    orientation = io_orientation(image.affine)
+    data = data.reshape(shape[:3] + (-1,)) if len(shape) >= 3 else data.reshape(shape + (1, 1))  # [X, Y, Z, C]
+    data = apply_orientation(data, ornt_transform(orientation, axcodes2ornt("RAS")))
+    array = np.ascontiguousarray(data.transpose(3, 2, 1, 0)[:, :, ::-1])  # [C, Z, Y, X], anterior up
+    if spatial_dims == 2:
+        array = array[:, 0]
+    return ReadScan(array, path, image, orientation)
+
+
+def write_overlay(image: np.ndarray, mask: np.ndarray, path: Path) -> None:
+    """A preview PNG: image [C, *S] in [0, 1] in grey with mask [*S] in colour (class k: colour k - 1),
+    the three orthogonal middle slices side by side for a volume."""
+    from PIL import Image
+
+    grey, planes = image.mean(axis=0), []
+    if mask.ndim == 2:
+        planes = [(grey, mask)]
+    else:
+        for axis in range(3):
+            middle = mask.shape[axis] // 2
+            planes.append((np.take(grey, middle, axis=axis), np.take(mask, middle, axis=axis)))
+    height = max(p[0].shape[0] for p in planes)
+    tiles = []
+    for picture, labels in planes:
+        rgb = np.repeat(picture[..., None] * 255.0, 3, axis=-1)
+        colour = COLOURS[(labels.astype(int) - 1) % len(COLOURS)]
+        rgb = np.where(labels[..., None] > 0, 0.5 * rgb + 0.5 * colour, rgb)
+        tiles.append(np.pad(rgb, ((0, height - rgb.shape[0]), (0, 2), (0, 0))))
+    with atomic_write(path) as temp:
+        Image.fromarray(np.concatenate(tiles, axis=1).astype(np.uint8)).save(temp, format="PNG")
