@@ -28,6 +28,12 @@ def medmnist_metrics(y_true: np.ndarray, y_score: np.ndarray, task: str) -> dict
     return {"auc": auc, "acc": float(getACC(y_true, y_score, task))}
 
 
+def _batches(split: ImageSplit, batch_size: int):
+    """The whole split in order, as batches of at most batch_size."""
+    for start in range(0, len(split), batch_size):
+        yield split.batch(np.arange(start, min(start + batch_size, len(split))))
+
+
 @torch.no_grad()
 def predict_split(model, split: ImageSplit, device: torch.device, batch_size: int = 256,
                   task: str = "supervised") -> tuple[np.ndarray, np.ndarray]:
@@ -35,11 +41,8 @@ def predict_split(model, split: ImageSplit, device: torch.device, batch_size: in
     if split.labels is None:
         raise ValueError(f"{split.info.name}: cannot evaluate an unlabeled split")
     model.eval()
-    scores = []
-    for start in range(0, len(split), batch_size):
-        batch = split.batch(np.arange(start, min(start + batch_size, len(split))))
-        image = batch["image"].to(device)
-        scores.append(model.predict({**batch, "image": image}, task=task).float().cpu())
+    scores = [model.predict({**batch, "image": batch["image"].to(device)}, task=task).float().cpu()
+              for batch in _batches(split, batch_size)]
     return np.asarray(split.labels), torch.cat(scores).numpy()
 
 
@@ -52,8 +55,7 @@ def segmentation_metrics(model, split: ImageSplit, device: torch.device, batch_s
         raise ValueError(f"{split.info.name}: cannot score segmentation on a split without masks")
     model.eval()
     scores = []
-    for start in range(0, len(split), batch_size):
-        batch = split.batch(np.arange(start, min(start + batch_size, len(split))))
+    for batch in _batches(split, batch_size):
         probabilities = model.predict({**batch, "image": batch["image"].to(device)}, task=task)  # [B, K, *S]
         scores.append(dice_per_class(probabilities.argmax(dim=1).cpu(), batch["mask"], probabilities.shape[1]))
     return summarize_dice(torch.cat(scores).numpy(), split.info.mask_labels)
