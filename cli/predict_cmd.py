@@ -12,7 +12,7 @@ def predict(
     inputs: Path = typer.Option(..., "--input", help="A scan, or a directory of NIfTI volumes or pictures."),
     out_dir: Path = typer.Option(..., "--out", help="Where the masks and their overlay previews go."),
     overlap: float = typer.Option(0.5, min=0.0, max=0.95, help="Overlap of neighbouring windows (fraction)."),
-    batch_size: int = typer.Option(4, min=1, help="Windows per forward pass."),
+    batch_size: int = typer.Option(32, min=1, help="Windows per forward pass."),
     data_root: Path = typer.Option(None, help="Where the run's dataset lives, if it moved."),
     device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
 ):

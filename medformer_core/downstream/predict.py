@@ -45,7 +45,7 @@ def find_inputs(path: Path) -> list[Path]:
 
 
 def predict_run(run_dir: Path, inputs: Path, out_dir: Path, overlap: float = 0.5, device: str = "auto",
-                batch_size: int = 4, data_root: str | None = None) -> PredictReport:
+                batch_size: int = 32, data_root: str | None = None) -> PredictReport:
     """Segment every scan of `inputs` with the fine-tune in `run_dir`, writing into `out_dir`."""
     config = read_finetune_config(run_dir / "finetune.toml")
     factory, options = resolve_dataset(config.dataset, data_root=data_root or config.data_root, seed=config.seed)

@@ -33,7 +33,7 @@ def window_starts(size: int, window: int, overlap: float) -> list[int]:
 
 @torch.no_grad()
 def sliding_window(image: torch.Tensor, predict: Callable[[torch.Tensor], torch.Tensor], window: tuple[int, ...],
-                   overlap: float = 0.5, batch_size: int = 4, gaussian: bool = True) -> torch.Tensor:
+                   overlap: float = 0.5, batch_size: int = 32, gaussian: bool = True) -> torch.Tensor:
     """image [C, *S] -> the blended prediction [K, *S] of `predict`: windows [B, C, *window] ->
     [B, K, *window] (e.g. class probabilities). `gaussian=False` averages the windows uniformly."""
     if not 0.0 <= overlap < 1.0:
