@@ -9,6 +9,7 @@ import sys
 
 from medformer_core.api import data, errors, hookspecs, interfaces
 from medformer_core.api.context import TaskContext
+from medformer_core.api.crops import CropSplit, Volume
 from medformer_core.api.data import DatasetInfo, DatasetOptions, ImageSplit, stratified_subset
 from medformer_core.api.errors import DataError, MedformerError, UnknownNameError, UsageError
 from medformer_core.api.files import atomic_write
@@ -32,8 +33,8 @@ sys.modules.update({f"{__name__}.{module.__name__.rpartition('.')[2]}": module
                     for module in (data, errors, hookspecs, interfaces)})
 
 __all__ = [
-    "DataError", "DatasetFactory", "DatasetInfo", "DatasetOptions", "ImageSplit", "InputAdapter", "InputSpec",
-    "MedformerError", "NoOptions", "OutputHead", "OutputSpec", "PretextTask", "TaskContext", "TaskResult",
-    "UnknownNameError", "UsageError", "View", "atomic_write", "classification_result", "hookimpl",
+    "CropSplit", "DataError", "DatasetFactory", "DatasetInfo", "DatasetOptions", "ImageSplit", "InputAdapter",
+    "InputSpec", "MedformerError", "NoOptions", "OutputHead", "OutputSpec", "PretextTask", "TaskContext", "TaskResult",
+    "UnknownNameError", "UsageError", "View", "Volume", "atomic_write", "classification_result", "hookimpl",
     "parse_options", "split_pairs", "stratified_subset",
 ]

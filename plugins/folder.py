@@ -18,6 +18,17 @@ Settings (in the argument, or in DatasetOptions.extra; the argument wins):
     val=0.1,test=0.1   split fractions, drawn per sample by a stable hash of its path
     split_seed=0       seed of that hash
 
+Crop mode, for scans at their real size (see folder_volumes): each scan is resampled once to a
+voxel spacing instead of to `size`, cached on disk, and read as random crops (fixed, seeded crops
+for val and test). Sizes and spacings are written x, y, z as scanners write them (`crop=96x96x64`
+is 64 slices); one number is used for every axis.
+
+    spacing=1.5        mm per voxel, e.g. 1.5 or 0.8x0.8x2.5, or native (the default with crop=)
+    crop=96            crop size in voxels (default with spacing=: 96 for volumes, 128 for images)
+    foreground=0.5     share of crops centred near a foreground voxel (mask > 0, else a bright voxel)
+    crops=4            crops per scan and epoch (samples per scan)
+    workers=4          threads that prepare scans and read crops (default: min(4, CPU cores))
+
 Segmentation masks (see folder_masks): the Decathlon's `imagesTr/` + `labelsTr/`, or `image.*`
 beside `label.*` (`mask.*`, `seg.*`) in one folder. With masks, labeled splits hold the samples that
 have one, each mask resampled with its image (nearest neighbour).
@@ -42,6 +53,7 @@ from typing import Literal
 import numpy as np
 
 from medformer_core import (
+    CropSplit,
     DataError,
     DatasetFactory,
     DatasetInfo,
@@ -57,8 +69,18 @@ from medformer_core import (
 )
 from medformer_core.api.options import settings_of
 from medformer_plugins.folder_masks import check_mask, declared_classes, pair_masks
-from medformer_plugins.folder_preprocess import FIT_MODES, INTENSITY_MODES, SLICE_AXES, fit, normalize, slices, to_uint8
+from medformer_plugins.folder_preprocess import (
+    FIT_MODES,
+    INTENSITY_MODES,
+    SLICE_AXES,
+    convert_channels,
+    fit,
+    normalize,
+    slices,
+    to_uint8,
+)
 from medformer_plugins.folder_readers import Sample, describe_error, find_samples, read_sample
+from medformer_plugins.folder_volumes import Preparation, default_workers, prepare_volumes
 from medformer_plugins.medmnist_files import cache_dir
 
 log = logging.getLogger("medformer.data")
@@ -66,6 +88,7 @@ SPLIT_FOLDERS = {"train": "train", "val": "val", "validation": "val", "test": "t
 SUPPORTED = ".nii, .nii.gz, .dcm and DICOM without extension, .png, .jpg, .tif, .bmp"
 CACHE_VERSION = 2
 WARN_LIMIT = 20
+DEFAULT_CROP = {2: 128, 3: 96}
 
 
 @dataclass(frozen=True)
@@ -82,6 +105,11 @@ class Settings:
     val: float = 0.1
     test: float = 0.1
     split_seed: int = 0
+    spacing: str | None = None
+    crop: str | None = None
+    foreground: float = 0.5
+    crops: int = 4
+    workers: int | None = None
 
     def __post_init__(self):
         if self.size is not None and self.size < 4:
@@ -94,9 +122,57 @@ class Settings:
             raise ValueError("channels must be auto or >= 1")
         if not 0 <= self.val + self.test < 1:
             raise ValueError("val + test must be in [0, 1)")
+        if self.crop_mode:
+            if self.size is not None:
+                raise ValueError("size= resamples whole scans, crop= and spacing= read crops: give one of them")
+            if self.slices != "none":
+                raise ValueError("crops are read from whole volumes or images, not from slices=; drop one")
+            if self.crop is not None:
+                _axis_values(self.crop, int, "crop", minimum=8)
+            if self.spacing not in (None, "native"):
+                _axis_values(self.spacing, float, "spacing", minimum=1e-3)
+        if not 0 <= self.foreground <= 1:
+            raise ValueError("foreground must be in [0, 1]")
+        if self.crops < 1 or (self.workers is not None and self.workers < 1):
+            raise ValueError("crops and workers must be >= 1")
+
+    @property
+    def crop_mode(self) -> bool:
+        return self.crop is not None or self.spacing is not None
+
+    def crop_shape(self, dims: int) -> tuple[int, ...]:
+        """The crop [Z, Y, X] (or [Y, X]) in voxels."""
+        return _per_axis(_axis_values(self.crop or str(DEFAULT_CROP[dims]), int, "crop", 8), dims, "crop")
+
+    def target_spacing(self, dims: int) -> tuple[float, ...] | None:
+        """The voxel spacing [Z, Y, X] (or [Y, X]) in mm to resample to; None keeps each scan's own."""
+        if self.spacing in (None, "native"):
+            return None
+        return _per_axis(_axis_values(self.spacing, float, "spacing", 1e-3), dims, "spacing")
 
 
 KEYS = settings_of(Settings)
+
+
+def _axis_values(text: str, kind: type, name: str, minimum: float) -> tuple:
+    """`96` or `96x96x64` -> numbers, checked."""
+    try:
+        values = tuple(kind(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"{name} must be a number or NxNxN, got '{text}'") from None
+    if len(values) > 3 or min(values) < minimum:
+        raise ValueError(f"{name} must be one to three numbers >= {minimum:g}, got '{text}'")
+    return values
+
+
+def _per_axis(values: tuple, dims: int, name: str) -> tuple:
+    """x, y, z numbers (or one for all) -> per array axis [Z, Y, X] (or [Y, X])."""
+    if len(values) == 1:
+        return values * dims
+    if len(values) != dims:
+        raise UsageError(f"folder dataset: {name}={'x'.join(map(str, values))} has {len(values)} numbers for "
+                         f"{dims}D scans", hint=f"give one number or {dims} (x, y{', z' if dims == 3 else ''})")
+    return tuple(reversed(values))
 
 
 def parse_settings(argument: str | None, extra: dict) -> Settings:
@@ -152,7 +228,10 @@ class Folder(DatasetFactory):
         return self._info(settings, scan, options)
 
     def _info(self, settings: Settings, scan: FolderScan, options: DatasetOptions) -> DatasetInfo:
-        size = self._size(settings, scan, options)
+        if settings.crop_mode:
+            size = settings.crop_shape(scan.dims)
+        else:
+            size = (self._size(settings, scan, options),) * scan.dims
         counts = Counter()
         for sample in scan.samples:
             if options.labeled and _unlabeled(sample, scan):
@@ -162,11 +241,12 @@ class Folder(DatasetFactory):
             name=f"folder:{settings.root.resolve().name}",
             spatial_dims=scan.dims,
             channels=scan.channels,
-            size=(size,) * scan.dims,
+            size=size,
             task=("binary-class" if len(scan.class_names) == 2 else "multi-class") if scan.class_names else "none",
             labels=dict(scan.class_names),
             split_sizes={split: counts.get(split, 0) for split in ("train", "val", "test")},
             mask_labels=dict(scan.mask_labels),
+            spacing=settings.target_spacing(scan.dims) if settings.crop_mode else None,
         )
 
     def build(self, split: str, options: DatasetOptions) -> ImageSplit:
@@ -178,19 +258,59 @@ class Folder(DatasetFactory):
         with_labels = options.labeled and bool(scan.labels)
         chosen = [s for s in scan.samples
                   if scan.split[s.key] == split and not (options.labeled and _unlabeled(s, scan))]
+        if settings.crop_mode:
+            return self._build_crops(chosen, settings, scan, info, split, options)
         images, masks, keys, failed = self._load(chosen, settings, scan, info, split, options.labeled)
         self._warn(settings, scan, failed, with_labels)
+        self._check_loaded(settings, split, chosen, keys)
+        labels = np.array([[scan.labels[k]] for k in keys], dtype=np.int64).reshape(-1, 1) if with_labels else None
+        data = ImageSplit(info, images, labels, masks=masks)
+        if split == "train" and options.label_fraction < 1.0 and (labels is not None or masks is not None):
+            groups = labels if labels is not None else np.zeros((len(data), 1), np.int64)
+            data = data.subset(stratified_subset(groups, options.label_fraction, options.seed))
+        return data
+
+    def _build_crops(self, chosen: list[Sample], settings: Settings, scan: FolderScan, info: DatasetInfo, split: str,
+                     options: DatasetOptions) -> CropSplit:
+        """Crop mode: the chosen scans prepared at the target spacing (cached), read as crops."""
+        with_masks = options.labeled and bool(scan.masks)
+        preparation = Preparation(settings.intensity, settings.window, settings.percentiles, scan.channels,
+                                  settings.target_spacing(scan.dims))
+        pairs = [(s, scan.masks.get(s.key) if with_masks else None) for s in chosen]
+        workers = settings.workers or default_workers()
+        volumes, keys, failed = prepare_volumes(pairs, settings.root, preparation, scan.mask_labels, workers)
+        self._warn(settings, scan, failed, options.labeled and bool(scan.labels))
+        self._check_loaded(settings, split, chosen, keys)
+        self._warn_small(settings, volumes, keys, info)
+        labels = None
+        if options.labeled and scan.labels:
+            labels = np.array([[scan.labels[k]] for k in keys], dtype=np.int64).reshape(-1, 1)
+        data = CropSplit.of(info, volumes, settings.crops, labels, foreground=settings.foreground,
+                            random=split == "train", seed=options.seed, workers=workers, has_masks=with_masks)
+        if split == "train" and options.label_fraction < 1.0 and (labels is not None or with_masks):
+            groups = labels if labels is not None else np.zeros((len(volumes), 1), np.int64)
+            data = data.volume_subset(stratified_subset(groups, options.label_fraction, options.seed))
+        return data
+
+    def _warn_small(self, settings: Settings, volumes: list, keys: list[str], info: DatasetInfo) -> None:
+        """Say once per folder that scans smaller than the crop are padded."""
+        small = [(k, v.spatial) for k, v in zip(keys, volumes) if any(n < c for n, c in zip(v.spatial, info.size))]
+        marker = (str(settings.root), "#small")
+        if small and marker not in self._reported:
+            self._reported.add(marker)
+            key, shape = small[0]
+            log.warning("%s: %d scan(s) are smaller than the crop %s along some axis (e.g. %s, %s voxels); "
+                        "their crops are padded with zeros", settings.root, len(small), _xyz(info.size), key,
+                        _xyz(shape))
+
+    @staticmethod
+    def _check_loaded(settings: Settings, split: str, chosen: list[Sample], keys: list[str]) -> None:
         if chosen and not keys:
             raise DataError(f"{settings.root}: none of the {len(chosen)} {split} sample(s) could be read",
                             hint="see the warning above for the reasons")
         if split == "train" and not keys:
             raise DataError(f"{settings.root}: the train split is empty",
                             hint="add files, or lower the val/test fractions (e.g. folder:PATH,val=0,test=0)")
-        labels = np.array([[scan.labels[k]] for k in keys], dtype=np.int64).reshape(-1, 1) if with_labels else None
-        data = ImageSplit(info, images, labels, masks=masks)
-        if labels is not None and split == "train" and options.label_fraction < 1.0:
-            data = data.subset(stratified_subset(labels, options.label_fraction, options.seed))
-        return data
 
     # -- scanning -------------------------------------------------------------------------------
 
@@ -316,7 +436,7 @@ class Folder(DatasetFactory):
             mask_planes = slices(labels, scan.spacing, settings.slices)[0] if labels is not None else None
         else:
             planes, spacing, mask_planes = [array], scan.spacing, None if labels is None else [labels]
-        images = [to_uint8(fit(_convert_channels(p, channels), spacing, size, settings.fit)) for p in planes]
+        images = [to_uint8(fit(convert_channels(p, channels), spacing, size, settings.fit)) for p in planes]
         if mask_planes is None:
             return [(image, None) for image in images]
         fitted = [fit(m, spacing, size, settings.fit, nearest=True)[0].astype(np.uint8) for m in mask_planes]
@@ -327,6 +447,8 @@ class Folder(DatasetFactory):
 
     @staticmethod
     def _sample_count(sample: Sample, settings: Settings) -> int:
+        if settings.crop_mode:
+            return settings.crops
         if len(sample.shape) == 3 and settings.slices != "none":
             return sample.shape[SLICE_AXES[settings.slices]]
         return 1
@@ -360,16 +482,6 @@ def _channel_count(samples: list[Sample], wanted: str | int) -> int:
         return int(wanted)
     counts = Counter(s.channels for s in samples)
     return max(counts, key=lambda c: (counts[c], c))
-
-
-def _convert_channels(array: np.ndarray, channels: int) -> np.ndarray:
-    """[c, *S] -> [channels, *S]: grey repeated to RGB, RGB to luminance."""
-    if array.shape[0] == channels:
-        return array
-    if array.shape[0] == 1 and channels == 3:
-        return np.repeat(array, 3, axis=0)
-    weights = np.array([0.299, 0.587, 0.114], np.float32).reshape((3,) + (1,) * (array.ndim - 1))
-    return (array * weights).sum(axis=0, keepdims=True)
 
 
 def _read_labels(path: Path | None, keys: set[str]) -> tuple[dict[str, object], dict[str, str], int]:
@@ -445,6 +557,11 @@ def _store(folder: Path, images: np.ndarray, meta: dict, masks: np.ndarray | Non
             temp.write_text(json.dumps(meta))
     except OSError as exc:
         log.debug("could not cache %s: %s", folder, exc)
+
+
+def _xyz(shape: tuple[int, ...]) -> str:
+    """[Z, Y, X] -> "XxYxZ", the order scanners write sizes in."""
+    return "x".join(map(str, reversed(shape)))
 
 
 def _listing(items: list[tuple[str, str]]) -> str:

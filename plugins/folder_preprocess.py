@@ -61,17 +61,36 @@ def fit(array: np.ndarray, spacing: tuple[float, ...], size: int, mode: str, nea
         scale = size / (extent.max() if mode == "pad" else extent.min())
         target = np.maximum(1, np.round(extent * scale)).astype(int)
         target = np.minimum(target, size) if mode == "pad" else np.maximum(target, size)
+    return _pad_or_crop(resample(array, tuple(int(t) for t in target), nearest), size).numpy()
+
+
+def resample(array: np.ndarray, target: tuple[int, ...], nearest: bool = False) -> torch.Tensor:
+    """array [C, *S] -> [C, *target] float: area averaging when every axis shrinks, else linear;
+    `nearest` keeps class values (masks)."""
     x = torch.from_numpy(np.ascontiguousarray(array))[None]  # [1, C, *S]
-    if tuple(target) != tuple(array.shape[1:]):
-        shrinking = all(t <= s for t, s in zip(target, shape))
-        linear = "bilinear" if len(shape) == 2 else "trilinear"
-        target = tuple(int(t) for t in target)
-        if nearest:
-            x = F.interpolate(x, size=target, mode="nearest-exact")
-        else:
-            x = F.interpolate(x, size=target, mode="area" if shrinking else linear,
-                              **({} if shrinking else {"align_corners": False}))
-    return _pad_or_crop(x[0], size).numpy()
+    if tuple(target) == tuple(array.shape[1:]):
+        return x[0]
+    if nearest:
+        return F.interpolate(x, size=target, mode="nearest-exact")[0]
+    if all(t <= s for t, s in zip(target, array.shape[1:])):
+        return F.interpolate(x, size=target, mode="area")[0]
+    linear = "bilinear" if len(target) == 2 else "trilinear"
+    return F.interpolate(x, size=target, mode=linear, align_corners=False)[0]
+
+
+def spacing_shape(shape: tuple[int, ...], spacing: tuple[float, ...], target: tuple[float, ...]) -> tuple[int, ...]:
+    """The grid [*S'] that covers a scan of `shape` voxels of `spacing` mm with voxels of `target` mm."""
+    return tuple(max(1, round(n * s / t)) for n, s, t in zip(shape, spacing, target))
+
+
+def convert_channels(array: np.ndarray, channels: int) -> np.ndarray:
+    """[c, *S] -> [channels, *S]: grey repeated to RGB, RGB to luminance."""
+    if array.shape[0] == channels:
+        return array
+    if array.shape[0] == 1 and channels == 3:
+        return np.repeat(array, 3, axis=0)
+    weights = np.array([0.299, 0.587, 0.114], np.float32).reshape((3,) + (1,) * (array.ndim - 1))
+    return (array * weights).sum(axis=0, keepdims=True)
 
 
 def _pad_or_crop(x: torch.Tensor, size: int) -> torch.Tensor:

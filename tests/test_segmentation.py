@@ -143,10 +143,11 @@ def test_segmentation_needs_masks(run_cli, tmp_path, write_npz):
     assert code == 2 and "no segmentation masks" in err and len(err.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("affine", [np.diag([1.5, 1.2, 2.0, 1.0]),
-                                    np.array([[0, 0, -2.0, 10], [1.5, 0, 0, -5], [0, 1.2, 0, 3], [0, 0, 0, 1]])],
-                         ids=["RAS", "permuted and flipped"])
-def test_a_mask_lands_on_the_voxels_it_was_predicted_for(tmp_path, affine):
+@pytest.mark.parametrize("affine, spacing", [
+    (np.diag([1.5, 1.2, 2.0, 1.0]), (2.0, 1.2, 1.5)),
+    (np.array([[0, 0, -2.0, 10], [1.5, 0, 0, -5], [0, 1.2, 0, 3], [0, 0, 0, 1]]), (1.2, 1.5, 2.0)),
+], ids=["RAS", "permuted and flipped"])
+def test_a_mask_lands_on_the_voxels_it_was_predicted_for(tmp_path, affine, spacing):
     """Read a scan into model orientation and write a mask made from it back: the mask file holds
     the input's own voxels, in the input's voxel order, whatever the affine."""
     nib = pytest.importorskip("nibabel")
@@ -155,6 +156,7 @@ def test_a_mask_lands_on_the_voxels_it_was_predicted_for(tmp_path, affine):
     voxels = np.random.default_rng(0).integers(0, 3, (7, 9, 5)).astype(np.uint8)  # [X, Y, Z], anisotropic
     nib.save(nib.Nifti1Image(voxels, affine), tmp_path / "scan.nii.gz")
     scan = read_scan(tmp_path / "scan.nii.gz", spatial_dims=3)
+    assert scan.spacing == pytest.approx(spacing)  # mm along [Z, Y, X] of scan.array
     written = scan.write_mask(scan.array[0].astype(np.uint8), tmp_path, "mask")  # the scan as its own mask
     back = nib.load(written)
     np.testing.assert_array_equal(np.asarray(back.dataobj), voxels)

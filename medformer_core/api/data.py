@@ -29,7 +29,7 @@ class DatasetOptions:
 class DatasetInfo:
     """What a dataset holds. `task` is one of TASK_TYPES (MedMNIST's names); `labels` maps class
     index to name. `mask_labels` maps the voxel classes of its segmentation masks to names (0 is
-    the background); empty when the dataset has no masks."""
+    the background); empty when the dataset has no masks. For crop datasets `size` is the crop."""
 
     name: str
     spatial_dims: int
@@ -39,6 +39,7 @@ class DatasetInfo:
     labels: dict[int, str] = field(default_factory=dict)
     split_sizes: dict[str, int] = field(default_factory=dict)
     mask_labels: dict[int, str] = field(default_factory=dict)
+    spacing: tuple[float, ...] | None = None  # voxel size in mm the samples were resampled to, if one
 
     @property
     def num_classes(self) -> int:
@@ -82,6 +83,21 @@ class ImageSplit:
 
     def __len__(self) -> int:
         return len(self.images) if self.index is None else len(self.index)
+
+    @property
+    def has_masks(self) -> bool:
+        return self.masks is not None
+
+    def for_evaluation(self) -> "ImageSplit":
+        """This split: its batches are the same on every call (a `CropSplit` fixes its crops)."""
+        return self
+
+    def state_dict(self) -> dict:
+        """Random state to checkpoint: none (a `CropSplit` keeps its crop generator's)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
     def batch(self, indices) -> dict:
         """Gather `indices` into a batch dict: image [B, C, *S] float32 in [0, 1], label [B, L],

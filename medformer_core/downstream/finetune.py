@@ -211,6 +211,11 @@ class Finetuner(Engine):
         full = resolve_dataset(config.dataset, data_root=config.data_root, seed=config.seed, labeled=True)
         val, test = (full[0].build(split, full[1]) for split in ("val", "test"))
         self.task_name = task_for(config, train.info)
+        for name, split in (("val", val), ("test", test)):
+            if len(split) == 0:
+                raise UsageError(f"dataset '{train.info.name}' has an empty {name} split: fine-tuning picks its "
+                                 "epoch on val and reports test", hint="give it val and test samples, e.g. "
+                                 "folder:PATH,val=0.1,test=0.1 or val/ and test/ subfolders")
         if self.task_name == SUPERVISED_TASK and train.labels is None:
             raise UsageError(f"dataset '{train.info.name}' has no labels to fine-tune on",
                              hint="choose a labeled dataset, e.g. a MedMNIST one")

@@ -2,8 +2,9 @@
 
 Each input (a NIfTI volume for a 3D model; a PNG/JPEG image or a 2D NIfTI for a 2D model) is
 brought into the orientation the folder dataset reads (RAS+, [C, Z, Y, X] with anterior up),
-scaled to [0, 1], predicted by a sliding window of the model's input size (overlap, Gaussian
-blending) and written back in the input's own voxel order: OUT/NAME.nii.gz with the input's
+scaled to [0, 1], resampled to the voxel spacing the model was trained at (when its dataset set
+one), predicted by a sliding window of the model's input size (overlap, Gaussian blending),
+resampled back and written back in the input's own voxel order: OUT/NAME.nii.gz with the input's
 affine and header (OUT/NAME.png for a picture), and a preview OUT/NAME_overlay.png, the middle
 slice(s) with the mask in colour.
 """
@@ -66,14 +67,32 @@ def predict_run(run_dir: Path, inputs: Path, out_dir: Path, overlap: float = 0.5
         if scan.array.shape[0] != info.channels:
             raise DataError(f"{path}: {scan.array.shape[0]} channel(s), the model takes {info.channels}",
                             hint="give scans of the modality the model was fine-tuned on")
-        if any(s < w for s, w in zip(scan.array.shape[1:], info.size)):
-            report.padded.append(f"{path.name} {'x'.join(map(str, scan.array.shape[1:]))}")
-        image = torch.from_numpy(unit_range(scan.array))
-        mask = sliding_window(image, probabilities, tuple(info.size), overlap, batch_size).argmax(0).numpy()
+        image = torch.from_numpy(unit_range(scan.array))  # [C, *S] on the scan's grid
+        grid = spacing_grid(image.shape[1:], scan.spacing, info.spacing)
+        if any(s < w for s, w in zip(grid, info.size)):
+            report.padded.append(f"{path.name} {'x'.join(map(str, grid))}")
+        scores = sliding_window(resize(image, grid), probabilities, tuple(info.size), overlap, batch_size)
+        mask = resize(scores, tuple(image.shape[1:])).argmax(0).numpy()  # [*S]
         name = path.name.split(".")[0]
         report.written.append(scan.write_mask(mask.astype(np.uint8), out_dir, name))
         write_overlay(unit_range(scan.array), mask, out_dir / f"{name}_overlay.png")
     return report
+
+
+def spacing_grid(shape: tuple[int, ...], spacing: tuple[float, ...],
+                 target: tuple[float, ...] | None) -> tuple[int, ...]:
+    """The voxel grid [*S'] of a scan of `shape` and `spacing` (mm) resampled to `target` mm (None: as it is)."""
+    if target is None:
+        return tuple(shape)
+    return tuple(max(1, round(n * s / t)) for n, s, t in zip(shape, spacing, target))
+
+
+def resize(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """x [C, *S] -> [C, *shape], linear interpolation (unchanged when the shapes agree)."""
+    if tuple(x.shape[1:]) == tuple(shape):
+        return x
+    mode = "bilinear" if len(shape) == 2 else "trilinear"
+    return torch.nn.functional.interpolate(x[None].float(), size=shape, mode=mode, align_corners=False)[0]
 
 
 def unit_range(array: np.ndarray) -> np.ndarray:
@@ -103,6 +122,7 @@ class ReadScan:
     source: Path
     nifti: object = None
     orientation: np.ndarray | None = None
+    spacing: tuple[float, ...] = (1.0, 1.0, 1.0)  # mm per axis of `array` ([Z, Y, X] or [Y, X])
 
     def write_mask(self, mask: np.ndarray, out_dir: Path, name: str) -> Path:
         if self.nifti is None:
@@ -143,7 +163,7 @@ def read_scan(path: Path, spatial_dims: int) -> ReadScan:
             pixels = np.asarray(picture.convert("L" if picture.mode in ("1", "L", "LA", "I", "F") else "RGB"))
     except OSError as exc:
         raise DataError(f"{path}: not a readable picture ({exc})".splitlines()[0]) from None
-    return ReadScan(pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1), path)
+    return ReadScan(pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1), path, spacing=(1.0, 1.0))
 
 
 def _read_nifti(path: Path, spatial_dims: int) -> ReadScan:
@@ -167,9 +187,12 @@ def _read_nifti(path: Path, spatial_dims: int) -> ReadScan:
     data = data.reshape(shape[:3] + (-1,)) if len(shape) >= 3 else data.reshape(shape + (1, 1))  # [X, Y, Z, C]
     data = apply_orientation(data, ornt_transform(orientation, axcodes2ornt("RAS")))
     array = np.ascontiguousarray(data.transpose(3, 2, 1, 0)[:, :, ::-1])  # [C, Z, Y, X], anterior up
+    sizes = np.ones(3)
+    sizes[orientation[:, 0].astype(int)] = nib.affines.voxel_sizes(image.affine)[:3]  # [X, Y, Z] in RAS
+    spacing = tuple(float(s) for s in sizes[::-1])  # [Z, Y, X]
     if spatial_dims == 2:
-        array = array[:, 0]
-    return ReadScan(array, path, image, orientation)
+        array, spacing = array[:, 0], spacing[1:]
+    return ReadScan(array, path, image, orientation, spacing)
 
 
 def write_overlay(image: np.ndarray, mask: np.ndarray, path: Path) -> None:

@@ -51,7 +51,7 @@ def segmentation_metrics(model, split: ImageSplit, device: torch.device, batch_s
                          task: str = "segmentation") -> dict:
     """Per-class and mean foreground Dice of `model.predict` over a split with masks (see
     `summarize_dice`), each class averaged over the samples whose prediction or mask holds it."""
-    if split.masks is None:
+    if not split.has_masks:
         raise ValueError(f"{split.info.name}: cannot score segmentation on a split without masks")
     model.eval()
     scores = []

@@ -87,7 +87,7 @@ class KnnMonitor:
         if len(train) > max_train:
             train = train.subset(stratified_subset(train.labels, max_train / len(train), seed))
         self.name = train.info.name
-        self.train, self.val = train, val
+        self.train, self.val = train.for_evaluation(), val.for_evaluation()
         self.k, self.temperature, self.batch_size = k, temperature, batch_size
 
     def evaluate(self, encoder: nn.Module, device: torch.device) -> dict[str, float]:

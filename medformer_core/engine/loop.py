@@ -271,6 +271,7 @@ class Engine:
             "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
             "metric_window": self.window.state_dict(),
+            "splits": {name: split.state_dict() for name, split in self.splits.items()},
             "run": self.extra_state(),
         }
         if self.device.type == "cuda":
@@ -298,6 +299,9 @@ class Engine:
         self.step, self.samples = state["step"], state["samples"]
         if "metric_window" in state:
             self.window.load_state_dict(state["metric_window"])
+        for name, split_state in state.get("splits", {}).items():
+            if split_state and name in self.splits:
+                self.splits[name].load_state_dict(split_state)
         self.load_extra_state(state.get("run", {}))
         if self.dist.is_main:
             keep_records_until(self.run_dir / METRICS_FILE, self.step)
