@@ -108,9 +108,15 @@ def info(name: str = typer.Argument(..., help="A dataset: retinamnist, adrenalmn
     factory, options = resolve_dataset(name, data_root=data_root)
     details = factory.info(options)
     out.print(f"[bold]{details.name}[/]: {factory.description}", soft_wrap=True)
-    out.print(f"  shape:   {details.channels} channel(s) x {'x'.join(map(str, details.size))} "
-              f"({details.spatial_dims}D)", soft_wrap=True)
+    axes = "x, y" + (", z" if details.spatial_dims == 3 else "")
+    out.print(f"  shape:   {details.channels} channel(s) x {'x'.join(map(str, reversed(details.size)))} "
+              f"({details.spatial_dims}D{'' if len(set(details.size)) == 1 else f'; {axes}'})", soft_wrap=True)
+    if details.spacing:
+        out.print(f"  spacing: {'x'.join(f'{s:g}' for s in reversed(details.spacing))} mm; samples are crops",
+                  soft_wrap=True)
     out.print(f"  task:    {details.task}", soft_wrap=True)
+    if details.has_masks:
+        out.print(f"  masks:   {', '.join(f'{k}: {v}' for k, v in details.mask_labels.items())}", soft_wrap=True)
     if details.labels:
         out.print(f"  labels:  {', '.join(f'{k}: {v}' for k, v in details.labels.items())}", soft_wrap=True)
     out.print(f"  splits:  {', '.join(f'{k} {v}' for k, v in details.split_sizes.items())}", soft_wrap=True)

@@ -148,6 +148,13 @@ def test_scans_are_resampled_to_the_spacing_and_read_as_crops(tmp_path):
     assert image[mask > 0].mean() > image[mask == 0].mean() + 0.3  # the mask sits on the bright box
 
 
+def test_datasets_info_shows_crops_in_scanner_order(tmp_path, run_cli):
+    root = write_scans(tmp_path / "scans")
+    code, out, _ = run_cli("datasets", "info", f"folder:{root},spacing=1x1x2,crop=16x12x8")
+    assert code == 0 and "1 channel(s) x 16x12x8 (3D; x, y, z)" in out
+    assert "spacing: 1x1x2 mm" in out and "masks:   0: background, 1: box" in out
+
+
 def test_native_spacing_keeps_each_scans_grid(tmp_path):
     info, split = folder(write_scans(tmp_path / "scans"), ",crop=8")
     assert info.spacing is None and info.size == (8, 8, 8)
