@@ -1,7 +1,7 @@
 """A real-data segmentation check: the Colin27 T1 brain and its AAL atlas, end to end.
 
-    python benchmarks/atlas_check.py            # the study (about 25 CPU-minutes on 2 cores)
-    python benchmarks/atlas_check.py --quick    # the smoke version the tests run (under a minute)
+    python benchmarks/atlas_check.py            # the study: 3 seeds, 100% and 10% labels (15 min, one thread)
+    python benchmarks/atlas_check.py --quick    # one short run per arm, as the tests run it (under a minute)
 
 1. Data (atlas_data.prepare): the AAL regions grouped into 3 classes on the 1 mm T1; training
    blocks from the left hemisphere, the right hemisphere kept whole as the disjoint test part.
@@ -14,8 +14,9 @@
    the input's shape and affine. Dice per class against the atlas in that grid, and each class's
    centroid in world mm against the atlas's.
 
-The medformer commands run in this process (one start of torch). Finished runs are reused. Results
-go to RESULTS/atlas_check[_quick].md and .json.
+The medformer commands run in this process (one start of torch). Finished runs in --work are
+reused: delete it after changing the plan or the data. Results go to RESULTS/atlas_check[_quick].md
+and .json.
 """
 
 import argparse
