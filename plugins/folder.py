@@ -29,8 +29,9 @@ is 64 slices); one number is used for every axis.
     crops=4            crops per scan and epoch (samples per scan)
     workers=4          threads that prepare scans and read crops (default: min(4, CPU cores))
 
-Segmentation masks (see folder_masks): the Decathlon's `imagesTr/` + `labelsTr/`, or `image.*`
-beside `label.*` (`mask.*`, `seg.*`) in one folder. With masks, labeled splits hold the samples that
+Segmentation masks (see folder_masks): the Decathlon's `imagesTr/` + `labelsTr/`, `image.*`
+beside `label.*` (`mask.*`, `seg.*`) in one folder, or any file named in a `mask` column of the
+labels CSV (path,mask[,label][,split]). With masks, labeled splits hold the samples that
 have one, each mask resampled with its image (nearest neighbour).
 
 Splits: `train/`, `val/` (or `validation/`) and `test/` subfolders if present; else a `split`
@@ -330,7 +331,8 @@ class Folder(DatasetFactory):
     def _scan_uncached(self, settings: Settings, labels_path: Path | None) -> FolderScan:
         root = settings.root
         samples, skipped = find_samples(root, ignore={labels_path} if labels_path else set())
-        samples, masks, unpaired = pair_masks(samples)
+        table, split_column, unmatched, named_masks = _read_labels(labels_path, {s.key for s in samples})
+        samples, masks, unpaired = pair_masks(samples, named_masks)
         skipped += unpaired
         if not samples:
             found = f"; {len(skipped)} file(s) skipped: {_listing(skipped)}" if skipped else ""
@@ -345,7 +347,7 @@ class Folder(DatasetFactory):
             if s.channels != channels and {s.channels, channels} != {1, 3}:
                 skipped.append((s.key, f"{s.channels} channels, the others have {channels}"))
         samples = [s for s in samples if s.channels == channels or {s.channels, channels} == {1, 3}]
-        table, split_column, unmatched = _read_labels(labels_path, {s.key for s in samples})
+        table = {k: v for k, v in table.items() if k in {s.key for s in samples}}
         values = sorted({v for v in table.values()}, key=_natural)
         index = {v: i for i, v in enumerate(values)}
         names = {i: str(v) for v, i in index.items()}
@@ -484,21 +486,24 @@ def _channel_count(samples: list[Sample], wanted: str | int) -> int:
     return max(counts, key=lambda c: (counts[c], c))
 
 
-def _read_labels(path: Path | None, keys: set[str]) -> tuple[dict[str, object], dict[str, str], int]:
-    """Labels CSV -> ({sample key: label value}, {sample key: split}, rows naming no sample)."""
+def _read_labels(path: Path | None, keys: set[str]) -> tuple[dict[str, object], dict[str, str], int, dict[str, str]]:
+    """Labels CSV (columns path[,label][,mask][,split]) -> ({sample key: label value}, {sample key:
+    split}, rows naming no sample, {sample key: key of its mask})."""
     if path is None:
-        return {}, {}, 0
+        return {}, {}, 0, {}
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             rows = [row for row in csv.reader(f) if row]
     except (OSError, ValueError, csv.Error) as exc:
         raise DataError(f"{path}: not a readable CSV ({str(exc).splitlines()[0]})") from None
     columns = [c.strip().lower() for c in rows[0]] if rows else []
-    if len(columns) < 2:
-        raise DataError(f"{path}: expected columns path,label[,split], found {', '.join(columns) or 'none'}")
-    path_column = "path" if "path" in columns else columns[0]
-    label_column = "label" if "label" in columns else [c for c in columns if c not in (path_column, "split")][0]
-    labels, splits, unmatched = {}, {}, 0
+    path_column = "path" if "path" in columns else columns[0] if columns else None
+    others = [c for c in columns if c not in (path_column, "split", "mask")]
+    label_column = "label" if "label" in columns else others[0] if others else None
+    if label_column is None and "mask" not in columns:
+        found = ", ".join(columns) or "none"
+        raise DataError(f"{path}: expected columns path,label[,split] or path,mask, found {found}")
+    labels, splits, unmatched, masks = {}, {}, 0, {}
     for values in rows[1:]:
         if len(values) > len(columns):
             raise DataError(f"{path}: not a readable CSV (row '{','.join(values)}' has more fields than the header)")
@@ -507,15 +512,17 @@ def _read_labels(path: Path | None, keys: set[str]) -> tuple[dict[str, object], 
         if key not in keys:
             unmatched += 1
             continue
-        value = row[label_column].strip()
+        value = row[label_column].strip() if label_column else ""
         if value != "":
             labels[key] = int(value) if value.lstrip("-").isdigit() else value
+        if row.get("mask", "").strip():
+            masks[key] = row["mask"].strip().removeprefix("./")
         if "split" in row and row["split"].strip():
             split = SPLIT_FOLDERS.get(row["split"].strip().lower())
             if split is None:
                 raise DataError(f"{path}: split '{row['split']}' for {key}; use train, val or test")
             splits[key] = split
-    return labels, splits, unmatched
+    return labels, splits, unmatched, masks
 
 
 def _natural(value) -> tuple:

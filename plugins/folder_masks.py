@@ -1,8 +1,9 @@
 """Segmentation masks in the user's folder: find each image's mask and check the pair.
 
 Layouts: the Medical Segmentation Decathlon's `imagesTr/NAME` + `labelsTr/NAME` (its
-`dataset.json` "labels" declares the classes), and pairs in one folder, `image.*` beside
-`label.*` (or `mask.*`, `seg.*`, `segmentation.*`), NIfTI or PNG. Without a declaration the
+`dataset.json` "labels" declares the classes), pairs in one folder, `image.*` beside `label.*`
+(or `mask.*`, `seg.*`, `segmentation.*`), NIfTI or PNG, and any pairing a labels CSV names in a
+`mask` column (`path,mask`: image path, mask path, both relative to the folder). Without a declaration the
 classes are 0 background and 1 foreground. A mask whose shape or affine differs from its image,
 an empty mask or a value outside the classes is a one-line DataError naming the mask file.
 """
@@ -20,15 +21,27 @@ MSD_FOLDERS = {"labelsTr": "imagesTr", "labelsTs": "imagesTs"}
 DEFAULT_CLASSES = {0: "background", 1: "foreground"}
 
 
-def pair_masks(samples: list[Sample]) -> tuple[list[Sample], dict[str, Sample], list[tuple[str, str]]]:
-    """Split the found samples into images and masks: (images, {image key: its mask}, skipped)."""
+def pair_masks(samples: list[Sample], named: dict[str, str] | None = None,
+               ) -> tuple[list[Sample], dict[str, Sample], list[tuple[str, str]]]:
+    """Split the found samples into images and masks: (images, {image key: its mask}, skipped).
+    `named` ({image key: mask key}, a labels CSV's mask column) pairs first; layouts pair the rest."""
     by_key = {s.key: s for s in samples}
     masks, skipped, taken = {}, [], set()
+    for image_key, mask_key in (named or {}).items():
+        if mask_key not in by_key:
+            skipped.append((mask_key, f"the mask of {image_key} in the labels CSV: not found or not readable"))
+            continue
+        taken.add(mask_key)
+        masks[image_key] = by_key[mask_key]
     for sample in samples:
+        if sample.key in taken or sample.key in masks:
+            continue
         image_key = _image_key(sample.key, by_key)
         if image_key is None:
             continue
         taken.add(sample.key)
+        if image_key in masks:
+            continue  # the labels CSV named this image's mask
         if image_key in by_key:
             masks[image_key] = sample
         else:

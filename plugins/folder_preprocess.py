@@ -28,18 +28,23 @@ def normalize(scan: Scan, mode: str, window: tuple[float, float], percentiles: t
     if mode == "auto":
         mode = "ct" if scan.modality == "CT" or (scan.modality == "" and not scan.eight_bit and x.min() <= -900) \
             else "none" if scan.eight_bit else "mr"
-    if mode == "ct":
-        level, width = window
-        return np.clip((x - (level - width / 2)) / width, 0.0, 1.0).astype(np.float32)
-    if mode == "none":
-        return np.clip(x / 255.0, 0.0, 1.0).astype(np.float32)
+    if mode in ("ct", "none"):
+        low, width = (window[0] - window[1] / 2, window[1]) if mode == "ct" else (0.0, 255.0)
+        out = np.subtract(x, low, dtype=np.float32)  # one float32 copy, then in place: full-size CT fits
+        out /= width
+        return np.clip(out, 0.0, 1.0, out=out)
     low, high = percentiles if mode == "mr" else (0.0, 100.0)
     out = np.empty_like(x, dtype=np.float32)
     for c in range(x.shape[0]):
         flat = x[c].reshape(-1)
         sample = flat[:: max(1, flat.size // PERCENTILE_SAMPLES)]
         lo, hi = np.percentile(sample, [low, high])
-        out[c] = np.clip((x[c] - lo) / (hi - lo), 0.0, 1.0) if hi > lo else 0.0
+        if hi > lo:
+            np.subtract(x[c], lo, out=out[c], dtype=np.float32)
+            out[c] /= hi - lo
+            np.clip(out[c], 0.0, 1.0, out=out[c])
+        else:
+            out[c] = 0.0
     return out
 
 

@@ -292,3 +292,17 @@ def test_predict_resamples_to_the_training_spacing_and_back(tmp_path, run_cli):
     assert code == 0, err
     mask, source = nib.load(tmp_path / "masks" / "case0.nii.gz"), nib.load(scan)
     assert mask.shape == source.shape and np.allclose(mask.affine, source.affine)
+
+
+def test_the_knn_monitor_scores_fixed_crops(tmp_path, tiny_model):
+    from medformer_core.api.plugins import registries
+    from medformer_core.engine.knn import KnnMonitor
+
+    root = write_scans(tmp_path / "scans", with_masks=False, labels=["a", "b", "a"])
+    _, train = folder(root, ",spacing=2,crop=8,crops=4")
+    assert train.random
+    model = tiny_model([registries().tasks.get("rotation")], [train.info])
+    monitor = KnnMonitor(train, train, k=1)
+    assert not monitor.train.random and not monitor.val.random
+    first = monitor.evaluate(model.encoder, torch.device("cpu"))
+    assert first["acc"] == 1.0 and monitor.evaluate(model.encoder, torch.device("cpu")) == first

@@ -322,7 +322,7 @@ def test_unknown_setting_and_bad_labels_files(tmp_path):
     with pytest.raises(UsageError, match=r"labels file .*missing.csv not found"):
         build(f"folder:{tmp_path},labels=missing.csv")
     (tmp_path / "one.csv").write_text("path\na.png\n")
-    with pytest.raises(DataError, match=r"one.csv: expected columns path,label\[,split\], found path"):
+    with pytest.raises(DataError, match=r"one.csv: expected columns path,label\[,split\] or path,mask, found path"):
         build(f"folder:{tmp_path},labels=one.csv")
     (tmp_path / "split.csv").write_text("path,label,split\na.png,1,holdout\n")
     with pytest.raises(DataError, match=r"split.csv: split 'holdout' for a.png; use train, val or test"):

@@ -102,3 +102,24 @@ def test_an_empty_mask_is_an_error_naming_it(tmp_path):
 def test_a_label_outside_the_declared_classes_is_an_error_naming_it(tmp_path):
     root = write_msd(tmp_path / "Task", labels={"0": "background", "1": "organ"})
     assert "labelsTr/case0.nii.gz" in one_line_error(root, "mask value 2 is outside the classes [0, 1]")
+
+
+def test_a_labels_csv_can_name_each_images_mask(tmp_path):
+    root = tmp_path / "scans"
+    (root / "ct").mkdir(parents=True)
+    (root / "seg").mkdir()
+    rows = ["path,mask,split"]
+    for i in range(3):
+        image, mask = volume_and_mask(i)
+        nib.save(nib.Nifti1Image(image, np.eye(4)), root / "ct" / f"patient{i}.nii.gz")
+        nib.save(nib.Nifti1Image((mask > 0).astype(np.uint8), np.eye(4)), root / "seg" / f"p{i}_organ.nii.gz")
+        rows.append(f"ct/patient{i}.nii.gz,seg/p{i}_organ.nii.gz,{'train' if i < 2 else 'test'}")
+    rows.append("ct/patient9.nii.gz,seg/missing.nii.gz,train")
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    factory, options = resolve_dataset(f"folder:{root},size=8")
+    info = factory.info(options)
+    assert info.mask_labels == {0: "background", 1: "foreground"} and info.labels == {}
+    assert info.split_sizes == {"train": 2, "val": 0, "test": 1}
+    batch = factory.build("train", options).batch(range(2))
+    image, mask = batch["image"][:, 0], batch["mask"]
+    assert image[mask > 0].mean() > image[mask == 0].mean() + 0.3
