@@ -1,0 +1,268 @@
+"""A real-data segmentation check: the Colin27 T1 brain and its AAL atlas, end to end.
+
+    python benchmarks/atlas_check.py            # the study: 3 seeds, 100% and 10% labels (15 min, one thread)
+    python benchmarks/atlas_check.py --quick    # one short run per arm, as the tests run it (under a minute)
+
+1. Data (atlas_data.prepare): the AAL regions grouped into 3 classes on the 1 mm T1; training
+   blocks from the left hemisphere, the right hemisphere kept whole as the disjoint test part.
+2. `medformer train` pretrains (mae3d) on crops of unlabeled T1 volumes at SPACING mm.
+3. `medformer finetune --task segmentation` on the training blocks, pretrained (`--from`) and from
+   scratch, at each label fraction and seed, the same number of optimizer steps for every run;
+   validation once, after the last epoch (the val blocks overlap training blocks, so picking an
+   epoch on them would only pick the best fit).
+4. `medformer predict` segments the right hemisphere at its native 1 mm grid; the mask must have
+   the input's shape and affine. Dice per class against the atlas in that grid, and each class's
+   centroid in world mm against the atlas's.
+
+The medformer commands run in this process (one start of torch). Finished runs in --work are
+reused: delete it after changing the plan or the data. Results go to RESULTS/atlas_check[_quick].md
+and .json.
+"""
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import atlas_data
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+SPACING = 2  # mm per voxel the model sees
+CROP = 24  # voxels per side: 48 mm, one training block
+ARMS = ("pretrained", "scratch")
+
+
+@dataclass(frozen=True)
+class Plan:
+    pretrain_steps: int
+    pretrain_batch: int
+    pretrain_crops: int  # crops per volume and epoch
+    epochs: dict[float, int]  # per label fraction: the same number of optimizer steps for every fraction
+    batch_size: int
+    seeds: tuple[int, ...]
+    pretrain_volumes: tuple[str, ...]
+
+
+PLANS = {
+    "full": Plan(pretrain_steps=600, pretrain_batch=16, pretrain_crops=64, epochs={1.0: 20, 0.1: 140}, batch_size=16,
+                 seeds=(0, 1, 2), pretrain_volumes=atlas_data.COLIN27_T1 + atlas_data.OTHER_T1),
+    "quick": Plan(pretrain_steps=4, pretrain_batch=8, pretrain_crops=8, epochs={1.0: 4}, batch_size=16, seeds=(0,),
+                  pretrain_volumes=("ch2bet.nii.gz",)),
+}
+
+
+def dataset_refs(data: atlas_data.Prepared, plan: Plan) -> tuple[str, str]:
+    """(pretraining, fine-tuning) dataset references: the one place that says how the check reads
+    its data. Both resample to SPACING mm and read CROP^3 crops; a training block is one crop."""
+    crops = f"spacing={SPACING},crop={CROP}"
+    return (f"folder:{data.pretrain},{crops},crops={plan.pretrain_crops},foreground=0.5,val=0,test=0",
+            f"folder:{data.seg},{crops},crops=1,intensity=none")
+
+
+def medformer(*args: str) -> float:
+    """Run one medformer command in this process; returns its wall time in seconds."""
+    from medformer_cli.app import main
+
+    print("$ medformer " + " ".join(args), flush=True)
+    start = time.perf_counter()
+    try:
+        main(list(args))
+    except SystemExit as exc:
+        if exc.code:
+            raise RuntimeError(f"`medformer {args[0]}` exited with {exc.code}") from None
+    return time.perf_counter() - start
+
+
+def pretrain(plan: Plan, dataset: str, out: Path) -> dict:
+    """Pretrain once (or reuse a finished run): {"run", "command", "wall_s"}."""
+    args = ("train", "--dataset", dataset, "--plugin", "mae3d", "--steps", str(plan.pretrain_steps),
+            "--batch-size", str(plan.pretrain_batch), "--knn-every", "0", "--seed", "0", "--out", str(out), "--quiet")
+    record = out / "atlas_check.json"
+    if not record.is_file():
+        shutil.rmtree(out, ignore_errors=True)  # an unfinished run starts again
+        wall = medformer(*args)
+        record.write_text(json.dumps({"run": str(out), "command": "medformer " + " ".join(args), "wall_s": wall}))
+    return json.loads(record.read_text())
+
+
+def finetune(plan: Plan, dataset: str, arm: str, fraction: float, seed: int, source: Path, out: Path) -> dict:
+    """Fine-tune one arm (or reuse a finished run): its command, times, training blocks and block Dice."""
+    epochs = plan.epochs[fraction]
+    args = ["finetune", "--task", "segmentation", "--dataset", dataset, "--label-fraction", f"{fraction:g}",
+            "--epochs", str(epochs), "--eval-every", str(epochs), "--batch-size", str(plan.batch_size),
+            "--seed", str(seed), "--out", str(out), "--quiet"]
+    if arm == "pretrained":
+        args += ["--from", str(source)]
+    record = out / "atlas_check.json"
+    if not record.is_file():
+        shutil.rmtree(out, ignore_errors=True)  # an unfinished run starts again
+        wall = medformer(*args)
+        results = json.loads((out / "results.json").read_text())
+        record.write_text(json.dumps({"command": "medformer " + " ".join(args), "wall_s": wall,
+                                      "train_seconds": results["seconds"], "train_blocks": results["train_samples"],
+                                      "block_test_dice": results["test"]["mean_dice"]}))
+    return json.loads(record.read_text())
+
+
+def predict(run: Path, data: atlas_data.Prepared) -> dict:
+    """Segment the test part with `run`; its command and wall time."""
+    args = ("predict", str(run), "--input", str(data.test_images), "--out", str(run / "predict"))
+    wall = medformer(*args)
+    return {"command": "medformer " + " ".join(args), "wall_s": wall}
+
+
+def score(mask_path: Path, image_path: Path, labels_path: Path) -> dict:
+    """Dice per class and mean of the predicted mask against the atlas classes (same grid), and each
+    class's centroid offset (predicted - atlas) in world mm. The mask must have the image's shape
+    and affine."""
+    import nibabel as nib
+
+    mask, image, labels = (nib.load(p) for p in (mask_path, image_path, labels_path))
+    if mask.shape != image.shape or not np.allclose(mask.affine, image.affine, atol=1e-4):
+        raise RuntimeError(f"{mask_path}: shape {mask.shape} and affine\n{mask.affine}\ndiffer from the input's "
+                           f"{image.shape}\n{image.affine}")
+    predicted, truth = np.asarray(mask.dataobj), np.asarray(labels.dataobj)  # [X, Y, Z] classes
+    names = {c: name for c, (name, _) in atlas_data.CLASSES.items()}
+    dice = {names[c]: dice_score(predicted == c, truth == c) for c in names}
+    found, expected = (atlas_data.centroids(m, a.affine, names) for m, a in ((predicted, mask), (truth, labels)))
+    offsets = {names[c]: None if found[c] is None else np.round(np.subtract(found[c], expected[c]), 1).tolist()
+               for c in names}
+    return {"dice": dice, "mean_dice": float(np.mean(list(dice.values()))), "centroid_offset_mm": offsets}
+
+
+def dice_score(predicted: np.ndarray, truth: np.ndarray) -> float:
+    total = predicted.sum() + truth.sum()
+    return float(2.0 * (predicted & truth).sum() / total) if total else float("nan")
+
+
+def baselines(data: atlas_data.Prepared) -> dict:
+    """Mean Dice of two predictions that need no model: background everywhere, and the largest class
+    (cerebral cortex) on every brain voxel (what knowing the brain outline alone gives)."""
+    import nibabel as nib
+
+    image = np.asarray(nib.load(data.test_images / "right.nii.gz").dataobj)
+    truth = np.asarray(nib.load(data.test_labels / "right.nii.gz").dataobj)
+    brain = np.where(image > 0, 1, 0)
+    means = {}
+    for name, guess in (("background everywhere", np.zeros_like(truth)), ("cortex on every brain voxel", brain)):
+        means[name] = float(np.mean([dice_score(guess == c, truth == c) for c in atlas_data.CLASSES]))
+    return means
+
+
+def summary_rows(plan: Plan, runs: list[dict]) -> list[dict]:
+    """Per (fraction, arm): mean Dice per seed, their mean, std and range, and per-class means."""
+    rows = []
+    for fraction in plan.epochs:
+        for arm in ARMS:
+            cell = [r for r in runs if r["fraction"] == fraction and r["arm"] == arm]
+            means = np.array([r["test"]["mean_dice"] for r in cell])
+            classes = {name: float(np.mean([r["test"]["dice"][name] for r in cell]))
+                       for name in cell[0]["test"]["dice"]}
+            rows.append({"fraction": fraction, "arm": arm, "seeds": {r["seed"]: r["test"]["mean_dice"] for r in cell},
+                         "mean": float(means.mean()), "std": float(means.std(ddof=1)) if len(means) > 1 else 0.0,
+                         "range": float(means.max() - means.min()), "classes": classes,
+                         "blocks": cell[0]["train_blocks"]})
+    return rows
+
+
+def markdown(report: dict) -> str:
+    plan, rows = report["plan"], report["summary"]
+    seeds = plan["seeds"]
+    lines = [
+        "# Colin27 atlas check: pretrained vs from scratch (Dice on the unseen right hemisphere)",
+        "",
+        f"Command: `{report['command']}`  ",
+        f"Data: {report['data']}  ",
+        f"Machine: {report['machine']}; wall time {report['wall_s'] / 60:.1f} min in all "
+        f"(pretraining {report['pretrain']['wall_s']:.0f} s).",
+        "",
+        "Mean Dice over the 3 classes of `medformer predict` on the right hemisphere (1 mm grid, "
+        f"{report['test_shape']} voxels) against the atlas:",
+        "",
+        "| labels | training blocks | arm | " + " | ".join(f"seed {s}" for s in seeds) + " | mean +- std | range |",
+        "|---|---:|---|" + "---:|" * len(seeds) + "---:|---:|",
+    ]
+    for row in rows:
+        cells = [f"{row['seeds'][s]:.3f}" if s in row["seeds"] else "-" for s in seeds]
+        lines.append(f"| {row['fraction']:.0%} | {row['blocks']} | {row['arm']} | " + " | ".join(cells)
+                     + f" | {row['mean']:.3f} +- {row['std']:.3f} | {row['range']:.3f} |")
+    names = list(rows[0]["classes"])
+    lines += ["", "Per class (mean over seeds):", "",
+              "| labels | arm | " + " | ".join(names) + " |", "|---|---|" + "---:|" * len(names)]
+    for row in rows:
+        lines.append(f"| {row['fraction']:.0%} | {row['arm']} | "
+                     + " | ".join(f"{row['classes'][n]:.3f}" for n in names) + " |")
+    lines += ["", "Without a model: " + "; ".join(f"{k}: mean Dice {v:.3f}" for k, v in report["baselines"].items())
+              + ".", "", "Runs (wall seconds of fine-tuning and of predict; centroid offsets predicted - atlas, "
+              "world mm, x y z):", "",
+              "| labels | arm | seed | mean Dice | fine-tune s | predict s | "
+              + " | ".join(f"{n} offset" for n in names) + " |",
+              "|---|---|---:|---:|---:|---:|" + "---|" * len(names)]
+    for r in report["runs"]:
+        offsets = [" ".join(f"{v:+.1f}" for v in o) if o else "-" for o in r["test"]["centroid_offset_mm"].values()]
+        lines.append(f"| {r['fraction']:.0%} | {r['arm']} | {r['seed']} | {r['test']['mean_dice']:.3f} | "
+                     f"{r['wall_s']:.0f} | {r['predict']['wall_s']:.0f} | " + " | ".join(offsets) + " |")
+    first = {arm: next(r for r in report["runs"] if r["arm"] == arm) for arm in ARMS}
+    lines += ["", "Commands (seed 0; the other runs differ in `--seed`, `--label-fraction`, `--epochs`, `--out`):", "",
+              "```", report["pretrain"]["command"], first["pretrained"]["command"], first["scratch"]["command"],
+              first["pretrained"]["predict"]["command"], "```"]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny pretraining, one short run per arm")
+    parser.add_argument("--work", default="runs/atlas-check", help="data and runs (finished runs are reused)")
+    parser.add_argument("--results", default=str(HERE / "results"))
+    args = parser.parse_args()
+    plan = PLANS["quick" if args.quick else "full"]
+    started = time.perf_counter()
+    templates, where = atlas_data.locate_templates()
+    if templates is None:
+        sys.exit(f"error: {where}")
+    work = Path(args.work)
+    data = atlas_data.prepare(templates, work / "data", pretrain_volumes=plan.pretrain_volumes)
+    print(f"data: templates {where}; blocks {data.counts}", flush=True)
+    pretrain_ref, finetune_ref = dataset_refs(data, plan)
+    pretrained = pretrain(plan, pretrain_ref, work / "pretrain")
+    runs = []
+    for fraction in plan.epochs:
+        for seed in plan.seeds:
+            for arm in ARMS:
+                run = work / f"{arm}-{fraction:g}-seed{seed}"
+                record = finetune(plan, finetune_ref, arm, fraction, seed, work / "pretrain", run)
+                record["predict"] = predict(run, data)
+                record["test"] = score(run / "predict" / "right.nii.gz", data.test_images / "right.nii.gz",
+                                       data.test_labels / "right.nii.gz")
+                runs.append({"fraction": fraction, "seed": seed, "arm": arm, **record})
+                print(f"{arm} {fraction:.0%} seed {seed}: mean Dice {record['test']['mean_dice']:.3f} "
+                      f"{record['test']['dice']}", flush=True)
+    import nibabel as nib
+    import torch
+
+    report = {
+        "command": "python benchmarks/atlas_check.py" + (" --quick" if args.quick else ""),
+        "plan": asdict(plan), "spacing_mm": SPACING, "crop": CROP, "datasets": [pretrain_ref, finetune_ref],
+        "data": f"Colin27 `ch2bet` + AAL, {atlas_data.PACKAGE} ({where}); blocks {data.counts}",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+                   f"{torch.get_num_threads()} thread(s)",
+        "test_shape": "x".join(map(str, nib.load(data.test_images / "right.nii.gz").shape)),
+        "baselines": baselines(data), "pretrain": pretrained, "runs": runs, "summary": summary_rows(plan, runs),
+        "wall_s": time.perf_counter() - started,
+    }
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    name = "atlas_check_quick" if args.quick else "atlas_check"
+    (results / f"{name}.json").write_text(json.dumps(report, indent=2))
+    (results / f"{name}.md").write_text(markdown(report))
+    print(f"wrote {results / name}.md and .json ({report['wall_s']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
