@@ -10,14 +10,19 @@ Preparing the check (`prepare`): the brain-extracted T1 `ch2bet` (1 mm) and the 
 was drawn on this very brain, resampled onto the T1's grid through both affines when the grids
 differ (nearest neighbour). Its 116 regions are grouped into `CLASSES`. The volume is cropped to
 the brain and split by world x into two disjoint parts: the left hemisphere (x < 0 mm) for
-training and the right one (x >= 0 mm) for testing. Intensities are scaled once for the whole
+training and the right one (x >= 0 mm) for testing. A slab of the left hemisphere, world y in
+VAL_Y_MM (48 mm through the thalamus, the putamen and the front of the cerebellum), is held out
+whole for validation: training blocks are cut from the left hemisphere in front of and behind it,
+so none of them touches it, and the pretraining volumes have it blanked. Intensities are scaled once for the whole
 volume (0.5..99.5 percentiles to 0..255, uint8), so that a block read with `intensity=none` and
 the test part read by `medformer predict` see the same values. Files:
 
     OUT/seg/dataset.json                 the classes
-    OUT/seg/train/imagesTr, labelsTr     overlapping blocks of the left hemisphere
-    OUT/seg/val/imagesTr, labelsTr       every 10th of those blocks (seeded), left out of train
+    OUT/seg/train/imagesTr, labelsTr     overlapping blocks of the left hemisphere outside the val slab
+    OUT/seg/val/imagesTr, labelsTr       blocks of the val slab
     OUT/seg/test/imagesTr, labelsTr      non-overlapping blocks of the right hemisphere
+    OUT/val/images/val.nii.gz            the val slab, for `medformer predict`
+    OUT/val/labels/val.nii.gz            its classes, in the same grid
     OUT/test/images/right.nii.gz         the right hemisphere, for `medformer predict`
     OUT/test/labels/right.nii.gz         its classes, in the same grid
     OUT/pretrain/*.nii.gz                unlabeled T1 volumes at their native resolution
@@ -60,6 +65,7 @@ CLASSES = {
 }
 MIN_LABELED = 0.1  # a block is kept when at least this fraction of its voxels carries a class
 MARGIN = 4  # voxels kept around the brain when cropping
+VAL_Y_MM = (-46.0, 2.0)  # world y (mm) of the left hemisphere's val slab, [start, stop)
 
 
 class FetchError(Exception):
@@ -254,17 +260,38 @@ def hemispheres(volume: Part) -> tuple[Part, Part]:
     return volume.box((0, 0, 0), (middle,) + rest), volume.box((middle, 0, 0), (x.size - middle,) + rest)
 
 
-def block_starts(shape, block: int, stride: int) -> list[tuple[int, int, int]]:
-    """Starts of the blocks of side `block` every `stride` voxels that fit in `shape`."""
-    axes = [range(0, n - block + 1, stride) for n in shape]
+def block_starts(shape, block: int, stride: int, to_end: bool = False) -> list[tuple[int, int, int]]:
+    """Starts of the blocks of side `block` every `stride` voxels that fit in `shape`; with `to_end`
+    also the last block that fits on each axis, so that the blocks cover the whole box."""
+    axes = []
+    for n in shape:
+        starts = list(range(0, n - block + 1, stride))
+        if to_end and starts and starts[-1] != n - block:
+            starts.append(n - block)
+        axes.append(starts)
     return [(i, j, k) for i in axes[0] for j in axes[1] for k in axes[2]]
 
 
-def labeled_blocks(part: Part, block: int, stride: int) -> list[tuple[str, Part]]:
-    """The blocks of `part` with at least MIN_LABELED of their voxels in a class, named by start."""
-    blocks = [(f"b{i:03d}_{j:03d}_{k:03d}", part.box((i, j, k), (block,) * 3))
-              for i, j, k in block_starts(part.image.shape, block, stride)]
+def labeled_blocks(part: Part, block: int, stride: int, to_end: bool = False,
+                   offset=(0, 0, 0)) -> list[tuple[str, Part]]:
+    """The blocks of `part` with at least MIN_LABELED of their voxels in a class, named by start
+    (plus `offset`, the part's place in a larger box)."""
+    blocks = [(f"b{i + offset[0]:03d}_{j + offset[1]:03d}_{k + offset[2]:03d}", part.box((i, j, k), (block,) * 3))
+              for i, j, k in block_starts(part.image.shape, block, stride, to_end)]
     return [(name, b) for name, b in blocks if (b.labels > 0).mean() >= MIN_LABELED]
+
+
+def val_slab(left: Part, y_mm=VAL_Y_MM) -> tuple[Part, list[tuple[Part, int]]]:
+    """(the slab of `left` with world y in [y_mm), [(each part in front of / behind it, its first y
+    voxel)]): disjoint boxes; blocks cut from the second never touch the first."""
+    affine = left.affine
+    if not (affine[1, 1] > 0 and np.allclose(affine[1, [0, 2]], 0)):
+        raise ValueError("the T1's second voxel axis must run along world y (back to front)")
+    y = affine[1, 1] * np.arange(left.image.shape[1]) + affine[1, 3]
+    start, stop = (int(np.searchsorted(y, v)) for v in y_mm)
+    x, ny, z = left.image.shape
+    rest = [(left.box((0, 0, 0), (x, start, z)), 0), (left.box((0, stop, 0), (x, ny - stop, z)), stop)]
+    return left.box((0, start, 0), (x, stop - start, z)), [(p, j) for p, j in rest if p.image.shape[1] > 0]
 
 
 # -- writing ---------------------------------------------------------------------------------------------
@@ -299,11 +326,13 @@ class Prepared:
     seg: Path  # the segmentation dataset folder (train/val/test of imagesTr + labelsTr)
     test_images: Path  # the right hemisphere, for `medformer predict --input`
     test_labels: Path  # its classes, same grid and name
+    val_images: Path  # the val slab of the left hemisphere, for `medformer predict --input`
+    val_labels: Path  # its classes
     pretrain: Path  # unlabeled T1 volumes
     counts: dict[str, int]  # blocks per split
 
 
-def prepare(templates: Path, out: Path, block: int = 48, stride: int = 16, val_every: int = 10,
+def prepare(templates: Path, out: Path, block: int = 48, stride: int = 16,
             pretrain_volumes: tuple[str, ...] = COLIN27_T1 + OTHER_T1) -> Prepared:
     """Write the check's datasets into `out` (see the module docstring), with the T1s
     `pretrain_volumes` for pretraining; existing files are replaced."""
@@ -311,26 +340,30 @@ def prepare(templates: Path, out: Path, block: int = 48, stride: int = 16, val_e
         shutil.rmtree(out)
     volume, header = atlas_volume(templates)
     left, right = hemispheres(volume)
+    val, rest = val_slab(left)
     seg = out / "seg"
     write_classes(seg)
-    train = labeled_blocks(left, block, stride)
-    order = np.random.default_rng(0).permutation(len(train))
-    held = {int(n) for n in order[::val_every]}
-    for index, (name, part) in enumerate(train):
-        write_case(part, header, seg, "val" if index in held else "train", name)
+    train = [b for part, j in rest for b in labeled_blocks(part, block, stride, to_end=True, offset=(0, j, 0))]
+    for name, part in train:
+        write_case(part, header, seg, "train", name)
+    held = labeled_blocks(val, block, stride, to_end=True)
+    for name, part in held:
+        write_case(part, header, seg, "val", name)
     test = labeled_blocks(right, block, block)
     for name, part in test:
         write_case(part, header, seg, "test", name)
-    write_nifti(right.image, right.affine, header, out / "test" / "images" / "right.nii.gz")
-    write_nifti(right.labels, right.affine, header, out / "test" / "labels" / "right.nii.gz")
+    for split, part, name in (("test", right, "right"), ("val", val, "val")):
+        write_nifti(part.image, part.affine, header, out / split / "images" / f"{name}.nii.gz")
+        write_nifti(part.labels, part.affine, header, out / split / "labels" / f"{name}.nii.gz")
     write_pretraining(templates, out / "pretrain", pretrain_volumes)
-    counts = {"train": len(train) - len(held), "val": len(held), "test": len(test)}
-    return Prepared(seg, out / "test" / "images", out / "test" / "labels", out / "pretrain", counts)
+    counts = {"train": len(train), "val": len(held), "test": len(test)}
+    return Prepared(seg, out / "test" / "images", out / "test" / "labels", out / "val" / "images",
+                    out / "val" / "labels", out / "pretrain", counts)
 
 
 def write_pretraining(templates: Path, out: Path, names: tuple[str, ...]) -> None:
     """Unlabeled T1s `names` at their native resolution: the left half (x < 0 mm) of a Colin27 volume
-    (the right half is the test part), other brains whole."""
+    (the right half is the test part) with the val slab (VAL_Y_MM) set to 0, other brains whole."""
     import nibabel as nib
 
     for name in names:
@@ -340,7 +373,9 @@ def write_pretraining(templates: Path, out: Path, names: tuple[str, ...]) -> Non
         data = np.asarray(image.dataobj)
         if name in COLIN27_T1:
             x = image.affine[0, 0] * np.arange(data.shape[0]) + image.affine[0, 3]
-            data = data[: int(np.searchsorted(x, 0.0))]
+            data = data[: int(np.searchsorted(x, 0.0))].copy()
+            y = image.affine[1, 1] * np.arange(data.shape[1]) + image.affine[1, 3]
+            data[:, int(np.searchsorted(y, VAL_Y_MM[0])):int(np.searchsorted(y, VAL_Y_MM[1]))] = 0
         out.mkdir(parents=True, exist_ok=True)
         nib.save(nib.Nifti1Image(np.ascontiguousarray(data), image.affine, image.header), out / name)
 
