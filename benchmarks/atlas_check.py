@@ -26,7 +26,7 @@ import platform
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import atlas_data
@@ -47,14 +47,22 @@ class Plan:
     batch_size: int
     seeds: tuple[int, ...]
     pretrain_volumes: tuple[str, ...]
+    pretrained_args: tuple[str, ...] = ()  # extra `medformer finetune` options of the pretrained arm
 
 
 PLANS = {
-    "full": Plan(pretrain_steps=600, pretrain_batch=16, pretrain_crops=64, epochs={1.0: 20, 0.1: 140}, batch_size=16,
+    "full": Plan(pretrain_steps=600, pretrain_batch=16, pretrain_crops=64, epochs={1.0: 23, 0.1: 138}, batch_size=16,
                  seeds=(0, 1, 2), pretrain_volumes=atlas_data.COLIN27_T1 + atlas_data.OTHER_T1),
     "quick": Plan(pretrain_steps=4, pretrain_batch=8, pretrain_crops=8, epochs={1.0: 4}, batch_size=16, seeds=(0,),
                   pretrain_volumes=("ch2bet.nii.gz",)),
 }
+# Options of the pretrained arm tried on val (`--val-only --variant NAME`); FINAL is the one chosen there.
+VARIANTS = {
+    "plain": (),
+    "layer-decay": ("--layer-decay", "0.75"),
+    "low-lr": ("--lr", "0.0003"),
+}
+FINAL = "plain"
 
 
 def dataset_refs(data: atlas_data.Prepared, plan: Plan) -> tuple[str, str]:
@@ -91,6 +99,12 @@ def pretrain(plan: Plan, dataset: str, out: Path) -> dict:
     return json.loads(record.read_text())
 
 
+def run_name(plan: Plan, arm: str, fraction: float, seed: int) -> str:
+    """The run folder of one fine-tune, named by what sets it apart (so variants share runs)."""
+    extra = "".join(a.lstrip("-") for a in plan.pretrained_args) if arm == "pretrained" else ""
+    return f"{arm}{'-' + extra if extra else ''}-{fraction:g}-e{plan.epochs[fraction]}-seed{seed}"
+
+
 def finetune(plan: Plan, dataset: str, arm: str, fraction: float, seed: int, source: Path, out: Path) -> dict:
     """Fine-tune one arm (or reuse a finished run): its command, times, training blocks and block Dice."""
     epochs = plan.epochs[fraction]
@@ -98,7 +112,7 @@ def finetune(plan: Plan, dataset: str, arm: str, fraction: float, seed: int, sou
             "--epochs", str(epochs), "--eval-every", str(epochs), "--batch-size", str(plan.batch_size),
             "--seed", str(seed), "--out", str(out), "--quiet"]
     if arm == "pretrained":
-        args += ["--from", str(source)]
+        args += ["--from", str(source), *plan.pretrained_args]
     record = out / "atlas_check.json"
     if not record.is_file():
         shutil.rmtree(out, ignore_errors=True)  # an unfinished run starts again
@@ -110,9 +124,9 @@ def finetune(plan: Plan, dataset: str, arm: str, fraction: float, seed: int, sou
     return json.loads(record.read_text())
 
 
-def predict(run: Path, data: atlas_data.Prepared) -> dict:
-    """Segment the test part with `run`; its command and wall time."""
-    args = ("predict", str(run), "--input", str(data.test_images), "--out", str(run / "predict"))
+def predict(run: Path, images: Path, out: Path) -> dict:
+    """Segment the volumes in `images` with `run` into `out`; its command and wall time."""
+    args = ("predict", str(run), "--input", str(images), "--out", str(out))
     wall = medformer(*args)
     return {"command": "medformer " + " ".join(args), "wall_s": wall}
 
@@ -141,13 +155,13 @@ def dice_score(predicted: np.ndarray, truth: np.ndarray) -> float:
     return float(2.0 * (predicted & truth).sum() / total) if total else float("nan")
 
 
-def baselines(data: atlas_data.Prepared) -> dict:
+def baselines(image_path: Path, labels_path: Path) -> dict:
     """Mean Dice of two predictions that need no model: background everywhere, and the largest class
     (cerebral cortex) on every brain voxel (what knowing the brain outline alone gives)."""
     import nibabel as nib
 
-    image = np.asarray(nib.load(data.test_images / "right.nii.gz").dataobj)
-    truth = np.asarray(nib.load(data.test_labels / "right.nii.gz").dataobj)
+    image = np.asarray(nib.load(image_path).dataobj)
+    truth = np.asarray(nib.load(labels_path).dataobj)
     brain = np.where(image > 0, 1, 0)
     means = {}
     for name, guess in (("background everywhere", np.zeros_like(truth)), ("cortex on every brain voxel", brain)):
@@ -155,20 +169,55 @@ def baselines(data: atlas_data.Prepared) -> dict:
     return means
 
 
-def summary_rows(plan: Plan, runs: list[dict]) -> list[dict]:
-    """Per (fraction, arm): mean Dice per seed, their mean, std and range, and per-class means."""
+def summary_rows(plan: Plan, runs: list[dict], key: str) -> list[dict]:
+    """Per (fraction, arm) on part `key` ("val" or "test"): mean Dice per seed, their mean, std and
+    range, and per-class means."""
     rows = []
-    for fraction in plan.epochs:
+    for fraction in sorted({r["fraction"] for r in runs}, reverse=True):
         for arm in ARMS:
-            cell = [r for r in runs if r["fraction"] == fraction and r["arm"] == arm]
-            means = np.array([r["test"]["mean_dice"] for r in cell])
-            classes = {name: float(np.mean([r["test"]["dice"][name] for r in cell]))
-                       for name in cell[0]["test"]["dice"]}
-            rows.append({"fraction": fraction, "arm": arm, "seeds": {r["seed"]: r["test"]["mean_dice"] for r in cell},
+            cell = [r for r in runs if r["fraction"] == fraction and r["arm"] == arm and key in r]
+            if not cell:
+                continue
+            means = np.array([r[key]["mean_dice"] for r in cell])
+            classes = {name: float(np.mean([r[key]["dice"][name] for r in cell])) for name in cell[0][key]["dice"]}
+            rows.append({"fraction": fraction, "arm": arm, "seeds": {r["seed"]: r[key]["mean_dice"] for r in cell},
                          "mean": float(means.mean()), "std": float(means.std(ddof=1)) if len(means) > 1 else 0.0,
                          "range": float(means.max() - means.min()), "classes": classes,
                          "blocks": cell[0]["train_blocks"]})
     return rows
+
+
+def verdicts(rows: list[dict]) -> dict[str, dict]:
+    """Per label fraction: pretrained mean - scratch mean against the seeds' spread (the larger std
+    and the larger range of the two arms); met when the gain exceeds the larger std."""
+    out = {}
+    for fraction in sorted({r["fraction"] for r in rows}, reverse=True):
+        cell = {r["arm"]: r for r in rows if r["fraction"] == fraction}
+        if set(cell) != set(ARMS):
+            continue
+        gain = cell["pretrained"]["mean"] - cell["scratch"]["mean"]
+        std = max(c["std"] for c in cell.values())
+        spread = max(c["range"] for c in cell.values())
+        out[f"{fraction:.0%}"] = {"gain": gain, "larger_std": std, "larger_range": spread, "met": gain > std,
+                                  "beyond_range": gain > spread}
+    return out
+
+
+def table(rows: list[dict], seeds) -> list[str]:
+    head = " | ".join(f"seed {s}" for s in seeds)
+    lines = [f"| labels | training blocks | arm | {head} | mean +- std | range |",
+             "|---|---:|---|" + "---:|" * len(seeds) + "---:|---:|"]
+    for row in rows:
+        cells = [f"{row['seeds'][s]:.3f}" if s in row["seeds"] else "-" for s in seeds]
+        lines.append(f"| {row['fraction']:.0%} | {row['blocks']} | {row['arm']} | " + " | ".join(cells)
+                     + f" | {row['mean']:.3f} +- {row['std']:.3f} | {row['range']:.3f} |")
+    return lines
+
+
+def verdict_lines(found: dict) -> list[str]:
+    return [f"- {fraction} labels: pretrained - scratch = {v['gain']:+.3f}; larger std {v['larger_std']:.3f}, "
+            f"larger range {v['larger_range']:.3f}: **{'met' if v['met'] else 'missed'}**"
+            + (" (also beyond the range)" if v["met"] and v["beyond_range"] else "") for fraction, v in found.items()]
 
 
 def markdown(report: dict) -> str:
@@ -179,35 +228,53 @@ def markdown(report: dict) -> str:
         "",
         f"Command: `{report['command']}`  ",
         f"Data: {report['data']}  ",
-        f"Machine: {report['machine']}; wall time {report['wall_s'] / 60:.1f} min in all "
-        f"(pretraining {report['pretrain']['wall_s']:.0f} s).",
+        f"Machine: {report['machine']}; wall time {report['wall_s'] / 60:.1f} min for this command "
+        f"(pretraining {report['pretrain']['wall_s']:.0f} s; finished runs are reused).  ",
+        f"Pretrained arm options: `{' '.join(plan['pretrained_args']) or '(none)'}`.",
         "",
-        "Mean Dice over the 3 classes of `medformer predict` on the right hemisphere (1 mm grid, "
-        f"{report['test_shape']} voxels) against the atlas:",
+        "Goal: pretrained beats scratch at 10% of the labeled blocks by more than the seeds' spread (test):",
         "",
-        "| labels | training blocks | arm | " + " | ".join(f"seed {s}" for s in seeds) + " | mean +- std | range |",
-        "|---|---:|---|" + "---:|" * len(seeds) + "---:|---:|",
+        *verdict_lines(report["verdicts"]["test"]),
+        "",
+        "Test: mean Dice over the 3 classes of `medformer predict` on the right hemisphere (1 mm grid, "
+        f"{report['test_shape']} voxels) against the atlas, read once for this configuration:",
+        "",
+        *table(rows["test"], seeds),
+        "",
+        f"Val: the same on the left hemisphere's val slab ({report['val_shape']} voxels; no training block "
+        "touches it), where choices were made:",
+        "",
+        *table(rows["val"], seeds),
+        "",
+        *verdict_lines(report["verdicts"]["val"]),
     ]
-    for row in rows:
-        cells = [f"{row['seeds'][s]:.3f}" if s in row["seeds"] else "-" for s in seeds]
-        lines.append(f"| {row['fraction']:.0%} | {row['blocks']} | {row['arm']} | " + " | ".join(cells)
-                     + f" | {row['mean']:.3f} +- {row['std']:.3f} | {row['range']:.3f} |")
-    names = list(rows[0]["classes"])
-    lines += ["", "Per class (mean over seeds):", "",
+    names = list(rows["test"][0]["classes"])
+    lines += ["", "Per class on test (mean over seeds):", "",
               "| labels | arm | " + " | ".join(names) + " |", "|---|---|" + "---:|" * len(names)]
-    for row in rows:
+    for row in rows["test"]:
         lines.append(f"| {row['fraction']:.0%} | {row['arm']} | "
                      + " | ".join(f"{row['classes'][n]:.3f}" for n in names) + " |")
-    lines += ["", "Without a model: " + "; ".join(f"{k}: mean Dice {v:.3f}" for k, v in report["baselines"].items())
-              + ".", "", "Runs (wall seconds of fine-tuning and of predict; centroid offsets predicted - atlas, "
-              "world mm, x y z):", "",
-              "| labels | arm | seed | mean Dice | fine-tune s | predict s | "
+    lines += ["", "Without a model (test; val): " + "; ".join(
+        f"{k}: mean Dice {v:.3f}; {report['val_baselines'][k]:.3f}" for k, v in report["baselines"].items()) + "."]
+    if report["screens"]:
+        lines += ["", "Choices made on val (10% labels; val mean Dice per seed, mean +- std):", "",
+                  "| variant | arm | options | seeds | mean +- std |", "|---|---|---|---|---:|"]
+        for screen in report["screens"]:
+            for row in screen["summary"]:
+                opts = " ".join(screen["plan"]["pretrained_args"]) if row["arm"] == "pretrained" else ""
+                lines.append(f"| {screen['variant']} | {row['arm']} | `{opts}` | "
+                             + " ".join(f"{v:.3f}" for v in row["seeds"].values())
+                             + f" | {row['mean']:.3f} +- {row['std']:.3f} |")
+    lines += ["", "Runs (wall seconds of fine-tuning and of predict on test; centroid offsets on test, "
+              "predicted - atlas, world mm, x y z):", "",
+              "| labels | arm | seed | val Dice | test Dice | fine-tune s | predict s | "
               + " | ".join(f"{n} offset" for n in names) + " |",
-              "|---|---|---:|---:|---:|---:|" + "---|" * len(names)]
+              "|---|---|---:|---:|---:|---:|---:|" + "---|" * len(names)]
     for r in report["runs"]:
         offsets = [" ".join(f"{v:+.1f}" for v in o) if o else "-" for o in r["test"]["centroid_offset_mm"].values()]
-        lines.append(f"| {r['fraction']:.0%} | {r['arm']} | {r['seed']} | {r['test']['mean_dice']:.3f} | "
-                     f"{r['wall_s']:.0f} | {r['predict']['wall_s']:.0f} | " + " | ".join(offsets) + " |")
+        lines.append(f"| {r['fraction']:.0%} | {r['arm']} | {r['seed']} | {r['val']['mean_dice']:.3f} | "
+                     f"{r['test']['mean_dice']:.3f} | {r['wall_s']:.0f} | {r['predict']['wall_s']:.0f} | "
+                     + " | ".join(offsets) + " |")
     first = {arm: next(r for r in report["runs"] if r["arm"] == arm) for arm in ARMS}
     lines += ["", "Commands (seed 0; the other runs differ in `--seed`, `--label-fraction`, `--epochs`, `--out`):", "",
               "```", report["pretrain"]["command"], first["pretrained"]["command"], first["scratch"]["command"],
@@ -218,10 +285,16 @@ def markdown(report: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny pretraining, one short run per arm")
+    parser.add_argument("--variant", default=FINAL, choices=sorted(VARIANTS), help="options of the pretrained arm")
+    parser.add_argument("--val-only", action="store_true",
+                        help="10%% labels only, scored on val only: a candidate for the choices (the test part is "
+                             "not read)")
     parser.add_argument("--work", default="runs/atlas-check", help="data and runs (finished runs are reused)")
     parser.add_argument("--results", default=str(HERE / "results"))
     args = parser.parse_args()
-    plan = PLANS["quick" if args.quick else "full"]
+    plan = replace(PLANS["quick" if args.quick else "full"], pretrained_args=VARIANTS[args.variant])
+    if args.val_only:
+        plan = replace(plan, epochs={f: e for f, e in plan.epochs.items() if f < 1.0} or plan.epochs)
     started = time.perf_counter()
     templates, where = atlas_data.locate_templates()
     if templates is None:
@@ -231,34 +304,55 @@ def main() -> None:
     print(f"data: templates {where}; blocks {data.counts}", flush=True)
     pretrain_ref, finetune_ref = dataset_refs(data, plan)
     pretrained = pretrain(plan, pretrain_ref, work / "pretrain")
+    parts = {"val": (data.val_images, data.val_labels, "val.nii.gz")}
+    if not args.val_only:
+        parts["test"] = (data.test_images, data.test_labels, "right.nii.gz")
     runs = []
     for fraction in plan.epochs:
         for seed in plan.seeds:
             for arm in ARMS:
-                run = work / f"{arm}-{fraction:g}-seed{seed}"
+                run = work / run_name(plan, arm, fraction, seed)
                 record = finetune(plan, finetune_ref, arm, fraction, seed, work / "pretrain", run)
-                record["predict"] = predict(run, data)
-                record["test"] = score(run / "predict" / "right.nii.gz", data.test_images / "right.nii.gz",
-                                       data.test_labels / "right.nii.gz")
+                for key, (images, labels, name) in parts.items():
+                    record["predict"] = predict(run, images, run / f"predict-{key}")
+                    record[key] = score(run / f"predict-{key}" / name, images / name, labels / name)
                 runs.append({"fraction": fraction, "seed": seed, "arm": arm, **record})
-                print(f"{arm} {fraction:.0%} seed {seed}: mean Dice {record['test']['mean_dice']:.3f} "
-                      f"{record['test']['dice']}", flush=True)
+                print(f"{arm} {fraction:.0%} seed {seed}: "
+                      + "; ".join(f"{k} mean Dice {record[k]['mean_dice']:.3f}" for k in parts), flush=True)
     import nibabel as nib
     import torch
 
-    report = {
-        "command": "python benchmarks/atlas_check.py" + (" --quick" if args.quick else ""),
-        "plan": asdict(plan), "spacing_mm": SPACING, "crop": CROP, "datasets": [pretrain_ref, finetune_ref],
-        "data": f"Colin27 `ch2bet` + AAL, {atlas_data.PACKAGE} ({where}); blocks {data.counts}",
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-                   f"{torch.get_num_threads()} thread(s)",
-        "test_shape": "x".join(map(str, nib.load(data.test_images / "right.nii.gz").shape)),
-        "baselines": baselines(data), "pretrain": pretrained, "runs": runs, "summary": summary_rows(plan, runs),
-        "wall_s": time.perf_counter() - started,
-    }
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     name = "atlas_check_quick" if args.quick else "atlas_check"
+    report = {
+        "command": "python benchmarks/atlas_check.py" + (" --quick" if args.quick else "")
+                   + (f" --variant {args.variant}" if args.variant != FINAL else "")
+                   + (" --val-only" if args.val_only else ""),
+        "variant": args.variant, "plan": asdict(plan), "spacing_mm": SPACING, "crop": CROP,
+        "datasets": [pretrain_ref, finetune_ref], "val_y_mm": atlas_data.VAL_Y_MM,
+        "data": f"Colin27 `ch2bet` + AAL, {atlas_data.PACKAGE} ({where}); blocks {data.counts}",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+                   f"{torch.get_num_threads()} thread(s)",
+        "val_shape": "x".join(map(str, nib.load(data.val_images / "val.nii.gz").shape)),
+        "val_baselines": baselines(data.val_images / "val.nii.gz", data.val_labels / "val.nii.gz"),
+        "pretrain": pretrained, "runs": runs, "wall_s": None,
+    }
+    if args.val_only:
+        report["summary"] = summary_rows(plan, runs, "val")
+        report["wall_s"] = time.perf_counter() - started
+        path = results / f"{name}_val_{args.variant}.json"
+        path.write_text(json.dumps(report, indent=2))
+        print(f"wrote {path} ({report['wall_s']:.0f} s)")
+        return
+    report["test_shape"] = "x".join(map(str, nib.load(data.test_images / "right.nii.gz").shape))
+    report["baselines"] = baselines(data.test_images / "right.nii.gz", data.test_labels / "right.nii.gz")
+    report["summary"] = {key: summary_rows(plan, runs, key) for key in parts}
+    report["verdicts"] = {key: verdicts(rows) for key, rows in report["summary"].items()}
+    report["screens"] = [json.loads(p.read_text()) for p in sorted(results.glob(f"{name}_val_*.json"))]
+    for screen in report["screens"]:
+        screen.pop("runs", None)
+    report["wall_s"] = time.perf_counter() - started
     (results / f"{name}.json").write_text(json.dumps(report, indent=2))
     (results / f"{name}.md").write_text(markdown(report))
     print(f"wrote {results / name}.md and .json ({report['wall_s']:.0f} s)")

@@ -96,8 +96,26 @@ def test_quick_check_segments_the_unseen_hemisphere_in_place(tmp_path):
         assert cortex > 0.6, run["test"]  # background everywhere: 0; the mask mirrored in x: about 0.5
         assert run["test"]["mean_dice"] > report["baselines"]["background everywhere"] + 0.15
         assert np.linalg.norm(run["test"]["centroid_offset_mm"]["cerebral cortex"]) < 15.0
+        assert run["val"]["dice"]["cerebral cortex"] > 0.5, run["val"]  # the held-out slab of the left hemisphere
     table = (tmp_path / "results" / "atlas_check_quick.md").read_text()
-    assert "| 100% | 124 | pretrained |" in table and "medformer predict" in table
-    mask = nib.load(tmp_path / "work" / "scratch-1-seed0" / "predict" / "right.nii.gz")
-    image = nib.load(tmp_path / "work" / "data" / "test" / "images" / "right.nii.gz")
-    assert mask.shape == image.shape and np.allclose(mask.affine, image.affine)
+    assert "| 100% | 106 | pretrained |" in table and "medformer predict" in table
+    for part, name in (("test", "right"), ("val", "val")):
+        mask = nib.load(tmp_path / "work" / "scratch-1-e4-seed0" / f"predict-{part}" / f"{name}.nii.gz")
+        image = nib.load(tmp_path / "work" / "data" / part / "images" / f"{name}.nii.gz")
+        assert mask.shape == image.shape and np.allclose(mask.affine, image.affine)
+
+
+def test_the_val_slab_is_untouched_by_training_blocks():
+    affine = np.eye(4)
+    affine[:3, 3] = (-5.0, -60.0, 0.0)  # voxel j is at y = j - 60
+    left = atlas_data.Part(np.zeros((5, 120, 6), np.uint8), np.ones((5, 120, 6), np.uint8), affine)
+    val, rest = atlas_data.val_slab(left, (-46.0, 2.0))
+    assert val.image.shape == (5, 48, 6) and val.affine[1, 3] == -46.0
+    spans = []
+    for part, j in rest:
+        for name, block in atlas_data.labeled_blocks(part, 4, 2, to_end=True, offset=(0, j, 0)):
+            y0 = block.affine[1, 3]
+            assert int(name.split("_")[1]) == y0 + 60  # named by its place in the hemisphere
+            assert y0 + 4 <= -46.0 or y0 >= 2.0, name  # no block reaches into the slab
+            spans.append((y0, y0 + 4))
+    assert min(a for a, _ in spans) == -60.0 and max(b for _, b in spans) == 60.0  # the rest is covered
