@@ -58,9 +58,10 @@ PLANS = {
 }
 # Options of the pretrained arm tried on val (`--val-only --variant NAME`); FINAL is the one chosen there.
 VARIANTS = {
-    "plain": (),
-    "layer-decay": ("--layer-decay", "0.75"),
-    "low-lr": ("--lr", "0.0003"),
+    "plain": {},
+    "layer-decay": {"pretrained_args": ("--layer-decay", "0.75")},
+    "low-lr": {"pretrained_args": ("--lr", "0.0003")},
+    "long-pretrain": {"pretrain_steps": 1800},
 }
 FINAL = "plain"
 
@@ -99,9 +100,18 @@ def pretrain(plan: Plan, dataset: str, out: Path) -> dict:
     return json.loads(record.read_text())
 
 
-def run_name(plan: Plan, arm: str, fraction: float, seed: int) -> str:
+def pretrain_name(plan: Plan, base: Plan) -> str:
+    """The pretraining run's folder: "pretrain", with its steps when they differ from `base`'s."""
+    return "pretrain" if plan.pretrain_steps == base.pretrain_steps else f"pretrain-{plan.pretrain_steps}"
+
+
+def run_name(plan: Plan, base: Plan, arm: str, fraction: float, seed: int) -> str:
     """The run folder of one fine-tune, named by what sets it apart (so variants share runs)."""
-    extra = "".join(a.lstrip("-") for a in plan.pretrained_args) if arm == "pretrained" else ""
+    extra = ""
+    if arm == "pretrained":
+        extra = "".join(a.lstrip("-") for a in plan.pretrained_args)
+        if plan.pretrain_steps != base.pretrain_steps:
+            extra += f"p{plan.pretrain_steps}"
     return f"{arm}{'-' + extra if extra else ''}-{fraction:g}-e{plan.epochs[fraction]}-seed{seed}"
 
 
@@ -230,7 +240,8 @@ def markdown(report: dict) -> str:
         f"Data: {report['data']}  ",
         f"Machine: {report['machine']}; wall time {report['wall_s'] / 60:.1f} min for this command "
         f"(pretraining {report['pretrain']['wall_s']:.0f} s; finished runs are reused).  ",
-        f"Pretrained arm options: `{' '.join(plan['pretrained_args']) or '(none)'}`.",
+        f"Variant `{report['variant']}`: pretraining {plan['pretrain_steps']} steps; pretrained arm options "
+        f"`{' '.join(plan['pretrained_args']) or '(none)'}`.",
         "",
         "Goal: pretrained beats scratch at 10% of the labeled blocks by more than the seeds' spread (test):",
         "",
@@ -261,7 +272,9 @@ def markdown(report: dict) -> str:
                   "| variant | arm | options | seeds | mean +- std |", "|---|---|---|---|---:|"]
         for screen in report["screens"]:
             for row in screen["summary"]:
-                opts = " ".join(screen["plan"]["pretrained_args"]) if row["arm"] == "pretrained" else ""
+                steps = screen["plan"]["pretrain_steps"]
+                opts = " ".join([*screen["plan"]["pretrained_args"], f"(pretraining {steps} steps)"])
+                opts = opts if row["arm"] == "pretrained" else ""
                 lines.append(f"| {screen['variant']} | {row['arm']} | `{opts}` | "
                              + " ".join(f"{v:.3f}" for v in row["seeds"].values())
                              + f" | {row['mean']:.3f} +- {row['std']:.3f} |")
@@ -292,7 +305,8 @@ def main() -> None:
     parser.add_argument("--work", default="runs/atlas-check", help="data and runs (finished runs are reused)")
     parser.add_argument("--results", default=str(HERE / "results"))
     args = parser.parse_args()
-    plan = replace(PLANS["quick" if args.quick else "full"], pretrained_args=VARIANTS[args.variant])
+    base = PLANS["quick" if args.quick else "full"]
+    plan = replace(base, **VARIANTS[args.variant])
     if args.val_only:
         plan = replace(plan, epochs={f: e for f, e in plan.epochs.items() if f < 1.0} or plan.epochs)
     started = time.perf_counter()
@@ -303,7 +317,8 @@ def main() -> None:
     data = atlas_data.prepare(templates, work / "data", pretrain_volumes=plan.pretrain_volumes)
     print(f"data: templates {where}; blocks {data.counts}", flush=True)
     pretrain_ref, finetune_ref = dataset_refs(data, plan)
-    pretrained = pretrain(plan, pretrain_ref, work / "pretrain")
+    source = work / pretrain_name(plan, base)
+    pretrained = pretrain(plan, pretrain_ref, source)
     parts = {"val": (data.val_images, data.val_labels, "val.nii.gz")}
     if not args.val_only:
         parts["test"] = (data.test_images, data.test_labels, "right.nii.gz")
@@ -311,8 +326,8 @@ def main() -> None:
     for fraction in plan.epochs:
         for seed in plan.seeds:
             for arm in ARMS:
-                run = work / run_name(plan, arm, fraction, seed)
-                record = finetune(plan, finetune_ref, arm, fraction, seed, work / "pretrain", run)
+                run = work / run_name(plan, base, arm, fraction, seed)
+                record = finetune(plan, finetune_ref, arm, fraction, seed, source, run)
                 for key, (images, labels, name) in parts.items():
                     record["predict"] = predict(run, images, run / f"predict-{key}")
                     record[key] = score(run / f"predict-{key}" / name, images / name, labels / name)
