@@ -1,22 +1,25 @@
 """A real-data segmentation check: the Colin27 T1 brain and its AAL atlas, end to end.
 
-    python benchmarks/atlas_check.py            # the study: 3 seeds, 100% and 10% labels (15 min, one thread)
+    python benchmarks/atlas_check.py            # the study: 3 seeds, 100% and 10% labels (about 10 min, one thread,
+                                                # reusing the 10% runs of the val screen)
+    python benchmarks/atlas_check.py --val-only --variant NAME   # a candidate, 10% labels, scored on val only
     python benchmarks/atlas_check.py --quick    # one short run per arm, as the tests run it (under a minute)
 
 1. Data (atlas_data.prepare): the AAL regions grouped into 3 classes on the 1 mm T1; training
-   blocks from the left hemisphere, the right hemisphere kept whole as the disjoint test part.
+   blocks from the left hemisphere outside a held-out val slab, the slab kept whole for val, the
+   right hemisphere kept whole as the disjoint test part.
 2. `medformer train` pretrains (mae3d) on crops of unlabeled T1 volumes at SPACING mm.
 3. `medformer finetune --task segmentation` on the training blocks, pretrained (`--from`) and from
-   scratch, at each label fraction and seed, the same number of optimizer steps for every run;
-   validation once, after the last epoch (the val blocks overlap training blocks, so picking an
-   epoch on them would only pick the best fit).
-4. `medformer predict` segments the right hemisphere at its native 1 mm grid; the mask must have
-   the input's shape and affine. Dice per class against the atlas in that grid, and each class's
-   centroid in world mm against the atlas's.
+   scratch, at each label fraction and seed, the same number of optimizer steps for every run.
+4. `medformer predict` segments the val slab and the right hemisphere at their native 1 mm grid;
+   each mask must have the input's shape and affine. Dice per class against the atlas in that
+   grid, and each class's centroid in world mm against the atlas's.
 
-The medformer commands run in this process (one start of torch). Finished runs in --work are
-reused: delete it after changing the plan or the data. Results go to RESULTS/atlas_check[_quick].md
-and .json.
+Choices (VARIANTS: options of the pretrained arm, pretraining steps) are made on val with
+`--val-only`, which never reads the test part; FINAL is the one chosen, and the study reads test
+once for it. The medformer commands run in this process (one start of torch). Finished runs in
+--work are reused: delete it after changing the data. Results go to RESULTS/atlas_check[_quick].md
+and .json, the val screens to RESULTS/atlas_check_val_NAME.json.
 """
 
 import argparse
@@ -63,7 +66,7 @@ VARIANTS = {
     "low-lr": {"pretrained_args": ("--lr", "0.0003")},
     "long-pretrain": {"pretrain_steps": 1800},
 }
-FINAL = "plain"
+FINAL = "layer-decay"
 
 
 def dataset_refs(data: atlas_data.Prepared, plan: Plan) -> tuple[str, str]:
