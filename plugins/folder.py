@@ -80,7 +80,7 @@ from medformer_plugins.folder_preprocess import (
     slices,
     to_uint8,
 )
-from medformer_plugins.folder_readers import Sample, describe_error, find_samples, read_sample
+from medformer_plugins.folder_readers import Sample, Scan, describe_error, find_samples, read_sample
 from medformer_plugins.folder_volumes import Preparation, default_workers, prepare_volumes
 from medformer_plugins.medmnist_files import cache_dir
 
@@ -312,6 +312,12 @@ class Folder(DatasetFactory):
         if split == "train" and not keys:
             raise DataError(f"{settings.root}: the train split is empty",
                             hint="add files, or lower the val/test fractions (e.g. folder:PATH,val=0,test=0)")
+
+    def scale_intensities(self, array: np.ndarray, options: DatasetOptions) -> np.ndarray:
+        """A new scan [C, *S] scaled by this folder's `intensity`, `window` and `percentiles`."""
+        settings = parse_settings(options.argument, options.extra)
+        scan = Scan(array.astype(np.float32), (1.0,) * (array.ndim - 1), eight_bit=array.dtype == np.uint8)
+        return normalize(scan, settings.intensity, settings.window, settings.percentiles)
 
     # -- scanning -------------------------------------------------------------------------------
 
