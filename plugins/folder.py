@@ -14,7 +14,7 @@ Settings (in the argument, or in DatasetOptions.extra; the argument wins):
     percentiles=0.5:99.5   MR clipping percentiles
     slices=none        none | axial | coronal | sagittal
     channels=auto      auto (the most common count) | N; grey and RGB convert into each other
-    labels=labels.csv  CSV with columns path,label[,split]; default: labels.csv in the folder if present
+    labels=labels.csv  CSV with columns path,label[,mask][,split] (see folder_labels); default: labels.csv in the folder
     val=0.1,test=0.1   split fractions, drawn per sample by a stable hash of its path
     split_seed=0       seed of that hash
 
