@@ -85,14 +85,17 @@ def pretrain(recipe: Recipe, datasets: list[str], data_root: Path, seed: int, ou
         if found != recipe.pretrain_steps:
             sys.exit(f"error: {run_dir} holds a {found}-step pretraining, not {recipe.pretrain_steps}; "
                      "pass another --work")
-    if (run_dir / "encoder" / "model.safetensors").is_file():
+    if (run_dir / "seconds.json").is_file():  # written only when the pretraining ran to its last step
         return run_dir
     start = time.perf_counter()
     config = RunConfig(plugins=list(recipe.plugins), datasets=datasets, data_root=str(data_root),
                        model=recipe.model, steps=recipe.pretrain_steps, batch_size=recipe.pretrain_batch,
                        seed=seed, device=device, checkpoint_every=max(1, recipe.pretrain_steps // 4),
                        picture_every=recipe.pretrain_steps, log_every=10).validate()
-    Trainer(config, run_dir, resume=(run_dir / "checkpoints").is_dir(), quiet=True).run()
+    summary = Trainer(config, run_dir, resume=(run_dir / "checkpoints").is_dir(), quiet=True).run()
+    if summary.stopped_by is not None:
+        sys.exit(f"pretraining stopped by {summary.stopped_by} at step {summary.steps}; run the same command "
+                 "again to resume it")
     (run_dir / "seconds.json").write_text(json.dumps({"seconds": time.perf_counter() - start}))
     return run_dir
 

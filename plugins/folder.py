@@ -14,7 +14,7 @@ Settings (in the argument, or in DatasetOptions.extra; the argument wins):
     percentiles=0.5:99.5   MR clipping percentiles
     slices=none        none | axial | coronal | sagittal
     channels=auto      auto (the most common count) | N; grey and RGB convert into each other
-    labels=labels.csv  CSV with columns path,label[,split]; default: labels.csv in the folder if present
+    labels=labels.csv  CSV with columns path,label[,mask][,split] (see folder_labels); default: labels.csv in the folder
     val=0.1,test=0.1   split fractions, drawn per sample by a stable hash of its path
     split_seed=0       seed of that hash
 
@@ -41,7 +41,6 @@ Processed splits are cached as `.npy` under `$MEDFORMER_CACHE_DIR/folder` (defau
 ~/.cache/medformer), keyed by the settings and every file's size and mtime.
 """
 
-import csv
 import hashlib
 import json
 import logging
@@ -69,6 +68,7 @@ from medformer_core import (
     stratified_subset,
 )
 from medformer_core.api.options import settings_of
+from medformer_plugins.folder_labels import SPLIT_FOLDERS, natural_order, read_labels
 from medformer_plugins.folder_masks import check_mask, declared_classes, pair_masks
 from medformer_plugins.folder_preprocess import (
     FIT_MODES,
@@ -80,12 +80,11 @@ from medformer_plugins.folder_preprocess import (
     slices,
     to_uint8,
 )
-from medformer_plugins.folder_readers import Sample, describe_error, find_samples, read_sample
+from medformer_plugins.folder_readers import Sample, Scan, describe_error, find_samples, read_sample
 from medformer_plugins.folder_volumes import Preparation, default_workers, prepare_volumes
 from medformer_plugins.medmnist_files import cache_dir
 
 log = logging.getLogger("medformer.data")
-SPLIT_FOLDERS = {"train": "train", "val": "val", "validation": "val", "test": "test"}
 SUPPORTED = ".nii, .nii.gz, .dcm and DICOM without extension, .png, .jpg, .tif, .bmp"
 CACHE_VERSION = 2
 WARN_LIMIT = 20
@@ -313,6 +312,12 @@ class Folder(DatasetFactory):
             raise DataError(f"{settings.root}: the train split is empty",
                             hint="add files, or lower the val/test fractions (e.g. folder:PATH,val=0,test=0)")
 
+    def scale_intensities(self, array: np.ndarray, options: DatasetOptions) -> np.ndarray:
+        """A new scan [C, *S] scaled by this folder's `intensity`, `window` and `percentiles`."""
+        settings = parse_settings(options.argument, options.extra)
+        scan = Scan(array.astype(np.float32), (1.0,) * (array.ndim - 1), eight_bit=array.dtype == np.uint8)
+        return normalize(scan, settings.intensity, settings.window, settings.percentiles)
+
     # -- scanning -------------------------------------------------------------------------------
 
     def _scan(self, settings: Settings) -> FolderScan:
@@ -331,7 +336,7 @@ class Folder(DatasetFactory):
     def _scan_uncached(self, settings: Settings, labels_path: Path | None) -> FolderScan:
         root = settings.root
         samples, skipped = find_samples(root, ignore={labels_path} if labels_path else set())
-        table, split_column, unmatched, named_masks = _read_labels(labels_path, {s.key for s in samples})
+        table, split_column, unmatched, named_masks = read_labels(labels_path, {s.key for s in samples})
         samples, masks, unpaired = pair_masks(samples, named_masks)
         skipped += unpaired
         if not samples:
@@ -348,7 +353,7 @@ class Folder(DatasetFactory):
                 skipped.append((s.key, f"{s.channels} channels, the others have {channels}"))
         samples = [s for s in samples if s.channels == channels or {s.channels, channels} == {1, 3}]
         table = {k: v for k, v in table.items() if k in {s.key for s in samples}}
-        values = sorted({v for v in table.values()}, key=_natural)
+        values = sorted({v for v in table.values()}, key=natural_order)
         index = {v: i for i, v in enumerate(values)}
         names = {i: str(v) for v, i in index.items()}
         split = self._assign_splits(samples, settings, split_column, skipped)
@@ -484,49 +489,6 @@ def _channel_count(samples: list[Sample], wanted: str | int) -> int:
         return int(wanted)
     counts = Counter(s.channels for s in samples)
     return max(counts, key=lambda c: (counts[c], c))
-
-
-def _read_labels(path: Path | None, keys: set[str]) -> tuple[dict[str, object], dict[str, str], int, dict[str, str]]:
-    """Labels CSV (columns path[,label][,mask][,split]) -> ({sample key: label value}, {sample key:
-    split}, rows naming no sample, {sample key: key of its mask})."""
-    if path is None:
-        return {}, {}, 0, {}
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            rows = [row for row in csv.reader(f) if row]
-    except (OSError, ValueError, csv.Error) as exc:
-        raise DataError(f"{path}: not a readable CSV ({str(exc).splitlines()[0]})") from None
-    columns = [c.strip().lower() for c in rows[0]] if rows else []
-    path_column = "path" if "path" in columns else columns[0] if columns else None
-    others = [c for c in columns if c not in (path_column, "split", "mask")]
-    label_column = "label" if "label" in columns else others[0] if others else None
-    if label_column is None and "mask" not in columns:
-        found = ", ".join(columns) or "none"
-        raise DataError(f"{path}: expected columns path,label[,split] or path,mask, found {found}")
-    labels, splits, unmatched, masks = {}, {}, 0, {}
-    for values in rows[1:]:
-        if len(values) > len(columns):
-            raise DataError(f"{path}: not a readable CSV (row '{','.join(values)}' has more fields than the header)")
-        row = dict(zip(columns, values + [""] * (len(columns) - len(values))))
-        key = row[path_column].strip().removeprefix("./").rstrip("/")
-        if key not in keys:
-            unmatched += 1
-            continue
-        value = row[label_column].strip() if label_column else ""
-        if value != "":
-            labels[key] = int(value) if value.lstrip("-").isdigit() else value
-        if row.get("mask", "").strip():
-            masks[key] = row["mask"].strip().removeprefix("./")
-        if "split" in row and row["split"].strip():
-            split = SPLIT_FOLDERS.get(row["split"].strip().lower())
-            if split is None:
-                raise DataError(f"{path}: split '{row['split']}' for {key}; use train, val or test")
-            splits[key] = split
-    return labels, splits, unmatched, masks
-
-
-def _natural(value) -> tuple:
-    return (0, value, "") if isinstance(value, int) else (1, 0, str(value))
 
 
 def _tree_fingerprint(root: Path) -> int:

@@ -313,3 +313,12 @@ def test_the_knn_monitor_scores_fixed_crops(tmp_path, tiny_model):
     assert not monitor.train.random and not monitor.val.random
     first = monitor.evaluate(model.encoder, torch.device("cpu"))
     assert first["acc"] == 1.0 and monitor.evaluate(model.encoder, torch.device("cpu")) == first
+
+
+def test_new_scans_are_scaled_with_the_folders_intensity_settings(tmp_path):
+    root = write_scans(tmp_path / "scans", with_masks=False)
+    factory, options = resolve_dataset(f"folder:{root},intensity=ct,window=40:400,crop=8")
+    hu = np.array([[[-1000, -160, 40, 240, 1000]]], np.int16)  # [C, 1, 5]: the window spans -160..240 HU
+    np.testing.assert_allclose(factory.scale_intensities(hu, options)[0, 0], [0, 0, 0.5, 1, 1])
+    default, _ = resolve_dataset("phantoms3d")
+    np.testing.assert_allclose(default.scale_intensities(hu, options)[0, 0], [0, 0.42, 0.52, 0.62, 1])

@@ -86,3 +86,27 @@ def test_goals_compare_with_the_resnet_of_the_same_table(monkeypatch):
     published = medmnist_recipe.goal_lines(summary, "retinamnist", (1.0, 0.1))
     assert published == ["- retinamnist, 100% labels: fine-tuned AUC 0.720 vs ResNet-18 (28) (published) 0.717 "
                          "(+0.003): met"]
+
+
+def test_a_stopped_pretraining_stops_the_recipe_and_is_not_reused(tmp_path, monkeypatch):
+    """A signal ends the pretraining early: the recipe must not fine-tune that encoder, now or when rerun."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import medmnist_recipe
+
+    from medformer_core.engine.loop import RunSummary
+
+    class StoppedTrainer:
+        def __init__(self, config, run_dir, **_):
+            self.run_dir = run_dir
+
+        def run(self):
+            (self.run_dir / "encoder").mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "encoder" / "model.safetensors").write_bytes(b"")  # exported at the stop
+            return RunSummary(self.run_dir, steps=2, samples=16, seconds=1.0, stopped_by="SIGTERM")
+
+    monkeypatch.setattr(medmnist_recipe, "Trainer", StoppedTrainer)
+    recipe = medmnist_recipe.RECIPES["smoke"]
+    for _ in range(2):
+        with pytest.raises(SystemExit, match="stopped by SIGTERM at step 2; run the same command again"):
+            medmnist_recipe.pretrain(recipe, ["retinamnist"], tmp_path, 0, tmp_path / "work", "cpu")
+    assert not (tmp_path / "work" / "pretrain-seed0" / "seconds.json").exists()

@@ -15,6 +15,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import numpy as np
+
 from medformer_core.api.data import DatasetInfo, DatasetOptions, ImageSplit
 from medformer_core.api.errors import UsageError
 from medformer_core.api.lookup import unknown_name
@@ -53,6 +55,24 @@ class DatasetFactory(PluginObject):
     @abstractmethod
     def build(self, split: str, options: DatasetOptions) -> ImageSplit:
         """Load `split` ("train", "val" or "test") as arrays."""
+
+    def scale_intensities(self, array: np.ndarray, options: DatasetOptions) -> np.ndarray:
+        """A whole scan [C, *S] in its file's units -> [0, 1] float32, as this dataset scales its
+        samples (`medformer predict` reads new scans through it). The default: 8-bit values / 255,
+        values already in [0, 1] as they are, CT (reaching -900 HU) through -1000..1000 HU, anything
+        else clipped to its 0.5..99.5 percentiles per channel."""
+        x = array.astype(np.float32)
+        if array.dtype == np.uint8:
+            return x / 255.0
+        if x.min() >= 0.0 and x.max() <= 1.0:
+            return x
+        if x.min() <= -900:
+            return np.clip((x + 1000.0) / 2000.0, 0.0, 1.0)
+        out = np.empty_like(x)
+        for c in range(x.shape[0]):
+            low, high = np.percentile(x[c], [0.5, 99.5])
+            out[c] = np.clip((x[c] - low) / (high - low), 0.0, 1.0) if high > low else 0.0
+        return out
 
 
 class InputAdapter(PluginObject):

@@ -2,11 +2,12 @@
 
 Each input (a NIfTI volume for a 3D model; a PNG/JPEG image or a 2D NIfTI for a 2D model) is
 brought into the orientation the folder dataset reads (RAS+, [C, Z, Y, X] with anterior up),
-scaled to [0, 1], resampled to the voxel spacing the model was trained at (when its dataset set
-one), predicted by a sliding window of the model's input size (overlap, Gaussian blending),
-resampled back and written back in the input's own voxel order: OUT/NAME.nii.gz with the input's
-affine and header (OUT/NAME.png for a picture), and a preview OUT/NAME_overlay.png, the middle
-slice(s) with the mask in colour.
+scaled to [0, 1] as the run's dataset scales its samples (`DatasetFactory.scale_intensities`),
+resampled to the voxel spacing the model was trained at (when its dataset set one), predicted by
+a sliding window of the model's input size (overlap, Gaussian blending), resampled back and
+written in the input's own voxel order: OUT/NAME.nii.gz with the input's affine and header
+(OUT/NAME.png for a picture), and a preview OUT/NAME_overlay.png, the middle slice(s) with the
+mask in colour.
 """
 
 import gzip
@@ -67,7 +68,7 @@ def predict_run(run_dir: Path, inputs: Path, out_dir: Path, overlap: float = 0.5
         if scan.array.shape[0] != info.channels:
             raise DataError(f"{path}: {scan.array.shape[0]} channel(s), the model takes {info.channels}",
                             hint="give scans of the modality the model was fine-tuned on")
-        image = torch.from_numpy(unit_range(scan.array))  # [C, *S] on the scan's grid
+        image = torch.from_numpy(factory.scale_intensities(scan.array, options))  # [C, *S] in [0, 1]
         grid = spacing_grid(image.shape[1:], scan.spacing, info.spacing)
         if any(s < w for s, w in zip(grid, info.size)):
             report.padded.append(f"{path.name} {'x'.join(map(str, grid))}")
@@ -75,7 +76,7 @@ def predict_run(run_dir: Path, inputs: Path, out_dir: Path, overlap: float = 0.5
         mask = resize(scores, tuple(image.shape[1:])).argmax(0).numpy()  # [*S]
         name = path.name.split(".")[0]
         report.written.append(scan.write_mask(mask.astype(np.uint8), out_dir, name))
-        write_overlay(unit_range(scan.array), mask, out_dir / f"{name}_overlay.png")
+        write_overlay(image.numpy(), mask, out_dir / f"{name}_overlay.png")
     return report
 
 
@@ -88,29 +89,14 @@ def spacing_grid(shape: tuple[int, ...], spacing: tuple[float, ...],
 
 
 def resize(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """x [C, *S] -> [C, *shape], linear interpolation (unchanged when the shapes agree)."""
+    """x [C, *S] -> [C, *shape] as the folder dataset resamples: area averaging when every axis
+    shrinks, else linear (unchanged when the shapes agree)."""
     if tuple(x.shape[1:]) == tuple(shape):
         return x
+    if all(t <= n for t, n in zip(shape, x.shape[1:])):
+        return torch.nn.functional.interpolate(x[None].float(), size=shape, mode="area")[0]
     mode = "bilinear" if len(shape) == 2 else "trilinear"
     return torch.nn.functional.interpolate(x[None].float(), size=shape, mode=mode, align_corners=False)[0]
-
-
-def unit_range(array: np.ndarray) -> np.ndarray:
-    """Intensities [C, *S] -> [0, 1] float32, as the folder dataset's `intensity=auto` default:
-    8-bit values / 255, values already in [0, 1] as they are, CT (reaching -900 HU) through the
-    window -1000..1000 HU, anything else clipped to its 0.5..99.5 percentiles per channel."""
-    x = array.astype(np.float32)
-    if array.dtype == np.uint8:
-        return x / 255.0
-    if x.min() >= 0.0 and x.max() <= 1.0:
-        return x
-    if x.min() <= -900:
-        return np.clip((x + 1000.0) / 2000.0, 0.0, 1.0)
-    out = np.empty_like(x)
-    for c in range(x.shape[0]):
-        low, high = np.percentile(x[c], [0.5, 99.5])
-        out[c] = np.clip((x[c] - low) / (high - low), 0.0, 1.0) if high > low else 0.0
-    return out
 
 
 @dataclass
