@@ -277,8 +277,8 @@ def markdown(report: dict) -> str:
             for row in screen["summary"]:
                 steps = screen["plan"]["pretrain_steps"]
                 opts = " ".join([*screen["plan"]["pretrained_args"], f"(pretraining {steps} steps)"])
-                opts = opts if row["arm"] == "pretrained" else ""
-                lines.append(f"| {screen['variant']} | {row['arm']} | `{opts}` | "
+                opts = f"`{opts}`" if row["arm"] == "pretrained" else "-"
+                lines.append(f"| {screen['variant']} | {row['arm']} | {opts} | "
                              + " ".join(f"{v:.3f}" for v in row["seeds"].values())
                              + f" | {row['mean']:.3f} +- {row['std']:.3f} |")
     lines += ["", "Runs (wall seconds of fine-tuning and of predict on test; centroid offsets on test, "
