@@ -12,8 +12,8 @@ shortest extent to `size` and crops the centre; `stretch` resizes each axis to `
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from medformer_core.api.resampling import resample
 from medformer_plugins.folder_readers import Scan
 
 INTENSITY_MODES = ("auto", "ct", "mr", "minmax", "none")
@@ -66,26 +66,8 @@ def fit(array: np.ndarray, spacing: tuple[float, ...], size: int, mode: str, nea
         scale = size / (extent.max() if mode == "pad" else extent.min())
         target = np.maximum(1, np.round(extent * scale)).astype(int)
         target = np.minimum(target, size) if mode == "pad" else np.maximum(target, size)
-    return _pad_or_crop(resample(array, tuple(int(t) for t in target), nearest), size).numpy()
-
-
-def resample(array: np.ndarray, target: tuple[int, ...], nearest: bool = False) -> torch.Tensor:
-    """array [C, *S] -> [C, *target] float: area averaging when every axis shrinks, else linear;
-    `nearest` keeps class values (masks)."""
-    x = torch.from_numpy(np.ascontiguousarray(array))[None]  # [1, C, *S]
-    if tuple(target) == tuple(array.shape[1:]):
-        return x[0]
-    if nearest:
-        return F.interpolate(x, size=target, mode="nearest-exact")[0]
-    if all(t <= s for t, s in zip(target, array.shape[1:])):
-        return F.interpolate(x, size=target, mode="area")[0]
-    linear = "bilinear" if len(target) == 2 else "trilinear"
-    return F.interpolate(x, size=target, mode=linear, align_corners=False)[0]
-
-
-def spacing_shape(shape: tuple[int, ...], spacing: tuple[float, ...], target: tuple[float, ...]) -> tuple[int, ...]:
-    """The grid [*S'] that covers a scan of `shape` voxels of `spacing` mm with voxels of `target` mm."""
-    return tuple(max(1, round(n * s / t)) for n, s, t in zip(shape, spacing, target))
+    x = resample(torch.from_numpy(np.ascontiguousarray(array)), tuple(int(t) for t in target), nearest)
+    return _pad_or_crop(x, size).numpy()
 
 
 def convert_channels(array: np.ndarray, channels: int) -> np.ndarray:

@@ -20,10 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from medformer_core import MedformerError, Volume, atomic_write
+from medformer_core.api.resampling import grid_for_spacing, resample
 from medformer_plugins.folder_masks import check_mask
-from medformer_plugins.folder_preprocess import convert_channels, normalize, resample, spacing_shape, to_uint8
+from medformer_plugins.folder_preprocess import convert_channels, normalize, to_uint8
 from medformer_plugins.folder_readers import Sample, describe_error, read_sample
 from medformer_plugins.medmnist_files import cache_dir
 
@@ -108,10 +110,10 @@ def _prepared_arrays(sample: Sample, mask: Sample | None, root: Path, preparatio
     spacing = scan.spacing
     del scan  # the native array: only one full-size copy in memory at a time
     if preparation.spacing is not None:
-        target = spacing_shape(image.shape[1:], spacing, preparation.spacing)
-        image = resample(image, target).numpy()
+        target = grid_for_spacing(image.shape[1:], spacing, preparation.spacing)
+        image = resample(torch.from_numpy(image), target).numpy()
         if labels is not None:
-            labels = resample(labels[None].astype(np.float32), target, nearest=True)[0].numpy()
+            labels = resample(torch.from_numpy(labels[None].astype(np.float32)), target, nearest=True)[0].numpy()
     return to_uint8(image), None if labels is None else labels.astype(np.uint8)
 
 

@@ -20,6 +20,7 @@ import torch
 from medformer_core.api.datasets import resolve_dataset
 from medformer_core.api.errors import DataError, MedformerError, UsageError
 from medformer_core.api.files import atomic_write
+from medformer_core.api.resampling import grid_for_spacing, resample
 from medformer_core.downstream.finetune import SEGMENTATION_TASK, load_finetuned, read_finetune_config, task_for
 from medformer_core.downstream.sliding_window import sliding_window
 from medformer_core.engine.devices import resolve_device
@@ -69,34 +70,15 @@ def predict_run(run_dir: Path, inputs: Path, out_dir: Path, overlap: float = 0.5
             raise DataError(f"{path}: {scan.array.shape[0]} channel(s), the model takes {info.channels}",
                             hint="give scans of the modality the model was fine-tuned on")
         image = torch.from_numpy(factory.scale_intensities(scan.array, options))  # [C, *S] in [0, 1]
-        grid = spacing_grid(image.shape[1:], scan.spacing, info.spacing)
+        grid = grid_for_spacing(image.shape[1:], scan.spacing, info.spacing)
         if any(s < w for s, w in zip(grid, info.size)):
             report.padded.append(f"{path.name} {'x'.join(map(str, grid))}")
-        scores = sliding_window(resize(image, grid), probabilities, tuple(info.size), overlap, batch_size)
-        mask = resize(scores, tuple(image.shape[1:])).argmax(0).numpy()  # [*S]
+        scores = sliding_window(resample(image, grid), probabilities, tuple(info.size), overlap, batch_size)
+        mask = resample(scores, tuple(image.shape[1:])).argmax(0).numpy()  # [*S]
         name = path.name.split(".")[0]
         report.written.append(scan.write_mask(mask.astype(np.uint8), out_dir, name))
         write_overlay(image.numpy(), mask, out_dir / f"{name}_overlay.png")
     return report
-
-
-def spacing_grid(shape: tuple[int, ...], spacing: tuple[float, ...],
-                 target: tuple[float, ...] | None) -> tuple[int, ...]:
-    """The voxel grid [*S'] of a scan of `shape` and `spacing` (mm) resampled to `target` mm (None: as it is)."""
-    if target is None:
-        return tuple(shape)
-    return tuple(max(1, round(n * s / t)) for n, s, t in zip(shape, spacing, target))
-
-
-def resize(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """x [C, *S] -> [C, *shape] as the folder dataset resamples: area averaging when every axis
-    shrinks, else linear (unchanged when the shapes agree)."""
-    if tuple(x.shape[1:]) == tuple(shape):
-        return x
-    if all(t <= n for t, n in zip(shape, x.shape[1:])):
-        return torch.nn.functional.interpolate(x[None].float(), size=shape, mode="area")[0]
-    mode = "bilinear" if len(shape) == 2 else "trilinear"
-    return torch.nn.functional.interpolate(x[None].float(), size=shape, mode=mode, align_corners=False)[0]
 
 
 @dataclass
