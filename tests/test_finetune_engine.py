@@ -29,9 +29,9 @@ from medformer_core.downstream.finetune import (
 from medformer_core.engine.builders import build_model
 from medformer_core.model.medformer import ModelConfig
 
-DATASET = "phantoms2d:size=16,count=40"  # train 40 (2 batches of 16, a tail of 8), val 10, test 10
+DATASET = "phantoms2d:size=16,count=40"  # train 40 (2 batches of 20), val 10, test 10
 # 3 epochs of 2 steps, a validation (and a checkpoint) after each epoch, every option that has state.
-RUN = ["--dataset", DATASET, "--epochs", "3", "--batch-size", "16", "--eval-every", "1", "--device", "cpu",
+RUN = ["--dataset", DATASET, "--epochs", "3", "--batch-size", "20", "--eval-every", "1", "--device", "cpu",
        "--ema", "0.8", "--mixup", "0.4", "--label-smoothing", "0.1", "--quiet"]
 
 
@@ -76,12 +76,13 @@ def test_each_epoch_is_a_permutation_in_full_batches():
     assert not np.array_equal(np.concatenate(epoch), np.concatenate([next(sampler)[1] for _ in range(2)]))
 
 
-def test_a_tail_smaller_than_a_batch_is_dropped():
+def test_a_tail_is_spread_over_even_batches():
     sampler = epoch_sampler("x", 66, 64, seed=0)
-    assert sampler.steps_per_epoch() == 1
-    batches = [next(sampler)[1] for _ in range(3)]
-    assert all(len(b) == 64 and len(set(b.tolist())) == 64 and b.max() < 66 for b in batches)
-    assert len({tuple(sorted(b.tolist())) for b in batches}) > 1  # each epoch drops other samples
+    assert sampler.steps_per_epoch() == 2
+    epoch = [next(sampler)[1] for _ in range(2)]
+    assert [len(b) for b in epoch] == [33, 33]
+    assert sorted(np.concatenate(epoch).tolist()) == list(range(66))
+    assert [len(next(sampler)[1]) for _ in range(3)] == [33, 33, 33]
 
 
 def test_a_set_smaller_than_a_batch_is_one_batch_of_everything():
@@ -92,8 +93,9 @@ def test_a_set_smaller_than_a_batch_is_one_batch_of_everything():
 
 def test_ranks_read_disjoint_shards():
     ranks = [epoch_sampler("x", 130, 64, seed=0, rank=r, world_size=2) for r in (0, 1)]
-    first, second = (next(s)[1] for s in ranks)
-    assert len(first) == len(second) == 64 and not set(first.tolist()) & set(second.tolist())
+    first, second = ([next(s)[1] for _ in range(2)] for s in ranks)  # 65 per rank: batches of 32 and 33
+    assert [len(b) for b in first] == [len(b) for b in second] == [32, 33]
+    assert not set(np.concatenate(first).tolist()) & set(np.concatenate(second).tolist())
 
 
 # exact resume
@@ -102,7 +104,7 @@ def test_ranks_read_disjoint_shards():
 @pytest.fixture(scope="module")
 def uninterrupted(encoder, tmp_path_factory):
     """The reference: RUN without interruption."""
-    config = FinetuneConfig(dataset=DATASET, source=encoder, epochs=3, batch_size=16, eval_every=1, device="cpu",
+    config = FinetuneConfig(dataset=DATASET, source=encoder, epochs=3, batch_size=20, eval_every=1, device="cpu",
                             ema=0.8, mixup=0.4, label_smoothing=0.1)
     run = tmp_path_factory.mktemp("uninterrupted")
     Finetuner(config, run, quiet=True).run()
@@ -186,7 +188,7 @@ def test_weight_ema_by_hand():
 
 
 def test_validation_and_the_saved_model_use_the_ema_weights(tmp_path, encoder):
-    config = FinetuneConfig(dataset=DATASET, source=encoder, epochs=1, batch_size=16, device="cpu", ema=0.5)
+    config = FinetuneConfig(dataset=DATASET, source=encoder, epochs=1, batch_size=20, device="cpu", ema=0.5)
     results = Finetuner(config, tmp_path, quiet=True).run()
     checkpoint = tmp_path / "checkpoints" / "step_000002"
     state = torch.load(checkpoint / "state.pt", weights_only=True)["run"]

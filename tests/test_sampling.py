@@ -36,12 +36,20 @@ def test_one_epoch_is_a_permutation_and_epochs_differ():
     assert all(0 <= i < 10 for i in first + second)
 
 
-def test_without_drop_last_every_sample_is_seen_and_the_last_batch_is_short():
+def test_without_drop_last_every_sample_is_seen_in_even_batches():
     sampler = MultiDatasetSampler({"a": 10}, 3, drop_last=False)
     batches = take(sampler, 4)
-    assert [len(idx) for _, idx in batches] == [3, 3, 3, 1]
+    assert [len(idx) for _, idx in batches] == [2, 3, 2, 3]
     assert sorted(i for _, idx in batches for i in idx) == list(range(10))
     assert sampler.steps_per_epoch() == 4
+
+
+def test_without_drop_last_ddp_ranks_get_the_same_batch_sizes():
+    ranks = [MultiDatasetSampler({"a": 11}, 4, drop_last=False, rank=r, world_size=2) for r in range(2)]
+    streams = [take(s, 2) for s in ranks]  # 11 padded to 12: 6 per rank, batches of 3 and 3
+    assert [[len(idx) for _, idx in st] for st in streams] == [[3, 3], [3, 3]]
+    seen = {i for st in streams for _, idx in st for i in idx}
+    assert seen == set(range(11))
 
 
 def test_ddp_ranks_pick_the_same_dataset_and_disjoint_shards():

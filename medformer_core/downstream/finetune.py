@@ -155,13 +155,14 @@ def build_finetune_model(config: FinetuneConfig, info) -> MultitaskModel:
 def epoch_sampler(name: str, size: int, batch_size: int, seed: int, rank: int = 0,
                   world_size: int = 1) -> MultiDatasetSampler:
     """Batches of one dataset of `size` samples: each epoch a seeded permutation (this rank's shard
-    of it) in full batches; a tail smaller than a batch is dropped, and a shard smaller than one
-    batch is a single batch of all of it."""
+    of it) in ceil(shard / batch_size) batches of near-equal size, so every labeled sample counts
+    once per epoch and no small tail batch weighs like a full one (100 samples, batch 64: 50 + 50)."""
     shard = size // world_size
     if shard < 1:
         raise UsageError(f"dataset '{name}' has {size} training samples, fewer than the {world_size} processes",
                          hint="run fewer processes")
-    return MultiDatasetSampler({name: size}, min(batch_size, shard), seed=seed, rank=rank, world_size=world_size)
+    return MultiDatasetSampler({name: size}, min(batch_size, shard), seed=seed, rank=rank, world_size=world_size,
+                              drop_last=False)
 
 
 def mixup(batch: dict, partner: torch.Tensor, weight: float) -> dict:

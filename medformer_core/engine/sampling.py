@@ -25,8 +25,9 @@ class MultiDatasetSampler:
     splits:     {name: ImageSplit or its number of samples}, in the run's order
     batch_size: samples per batch on this rank
     rank, world_size: this process's shard (DDP); each rank sees a disjoint part of each epoch
-    drop_last:  True: every batch is full and an epoch's remainder is skipped; False: the last
-                batch of an epoch may be short (shards are padded by wrapping, as DistributedSampler)
+    drop_last:  True: every batch is full and an epoch's remainder is skipped; False: every sample
+                is seen once per epoch, in ceil(n / batch_size) batches whose sizes differ by at most
+                one (no small tail batch; shards are padded by wrapping, as DistributedSampler)
     """
 
     def __init__(self, splits: Mapping[str, ImageSplit | int], batch_size: int, temperature: float = 1.0,
@@ -62,8 +63,7 @@ class MultiDatasetSampler:
         epoch, number = self._cursor[name]
         if number >= self.batches_per_epoch(name):
             epoch, number = epoch + 1, 0
-        shard = self._shard(name, epoch)
-        indices = shard[number * self.batch_size:(number + 1) * self.batch_size]
+        indices = self._batch(self._shard(name, epoch), number, self.batches_per_epoch(name))
         self._cursor[name] = (epoch, number + 1)
         self.step += 1
         return name, indices
@@ -103,6 +103,12 @@ class MultiDatasetSampler:
 
     def _shard_length(self, n: int) -> int:
         return n // self.world_size if self.drop_last else -(-n // self.world_size)
+
+    def _batch(self, shard: np.ndarray, number: int, batches: int) -> np.ndarray:
+        """Batch `number` of `batches` over `shard`: full batches, or with drop_last=False an even split."""
+        if self.drop_last:
+            return shard[number * self.batch_size:(number + 1) * self.batch_size]
+        return shard[number * len(shard) // batches:(number + 1) * len(shard) // batches]
 
     def _shard(self, name: str, epoch: int) -> np.ndarray:
         """This rank's part of `name`'s permutation for `epoch` (cached for the current epoch)."""
