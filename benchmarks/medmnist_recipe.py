@@ -52,6 +52,21 @@ class Recipe:
     pretrain_per_seed: bool = True  # False: one pretraining (seed 0) serves every fine-tune seed
     layer_decay: float = 1.0  # layer-wise LR decay when fine-tuning the pretrained encoder
     baseline_epochs: int = 0  # ResNet-18 beside every cell, MedMNIST protocol (100 epochs); 0: not run
+    baseline_datasets: tuple[str, ...] = ()  # the datasets ResNet-18 runs on; empty: all
+    baseline_fractions: tuple[float, ...] = ()  # the label fractions it runs at; empty: all
+
+    def runs_baseline(self, dataset: str, fraction: float) -> bool:
+        """Whether ResNet-18 is trained beside the cell (dataset, fraction)."""
+        return bool(self.baseline_epochs) and (not self.baseline_datasets or dataset in self.baseline_datasets) \
+            and (not self.baseline_fractions or fraction in self.baseline_fractions)
+
+    def baseline_text(self) -> str:
+        """How ResNet-18 was run, for the table's header."""
+        if not self.baseline_epochs:
+            return "not run"
+        where = [", ".join(self.baseline_datasets)] if self.baseline_datasets else []
+        where += [", ".join(f"{f:.0%}" for f in self.baseline_fractions) + " labels"] if self.baseline_fractions else []
+        return f"{self.baseline_epochs} epochs" + (f" ({'; '.join(where)})" if where else "")
 
 
 RECIPES = {
@@ -157,7 +172,7 @@ def markdown_table(summary: dict, datasets: list[str], recipe: Recipe, command: 
         f"Command: `{command}`  ",
         f"Recipe: `{recipe.model}` model, {recipe.pretrain_steps} pretraining steps of {recipe.pretrain_batch} "
         f"({', '.join(recipe.plugins)}), fine-tune layer decay {recipe.layer_decay:g}, ResNet-18 "
-        f"{f'{recipe.baseline_epochs} epochs' if recipe.baseline_epochs else 'not run'}, seeds "
+        f"{recipe.baseline_text()}, seeds "
         f"{', '.join(map(str, recipe.seeds))}.  ",
         f"Hardware: {hardware}; compute time {minutes:.0f} min (pretraining plus every fine-tune run, "
         "as each run recorded it).",
@@ -250,6 +265,10 @@ def main() -> None:
                         help="train ResNet-18 beside every cell for this many epochs (MedMNIST: 100; 0: not at all). "
                              "Default: 100 in the gpu recipe, 0 in the cpu recipe (a 3D ResNet-18 epoch takes "
                              "~10 min on 2 CPU cores)")
+    parser.add_argument("--baseline-datasets", default=None,
+                        help="comma-separated datasets ResNet-18 runs on (default: all)")
+    parser.add_argument("--baseline-fractions", default=None,
+                        help="comma-separated label fractions ResNet-18 runs at, e.g. 0.1,0.01 (default: all)")
     parser.add_argument("--pretrain-steps", type=int, default=None,
                         help="override the recipe's pretraining steps (use a fresh --work for it)")
     args = parser.parse_args()
@@ -260,6 +279,10 @@ def main() -> None:
         recipe = replace(recipe, pretrain_steps=args.pretrain_steps)
     if args.baseline_epochs is not None:
         recipe = replace(recipe, baseline_epochs=args.baseline_epochs)
+    if args.baseline_datasets is not None:
+        recipe = replace(recipe, baseline_datasets=tuple(args.baseline_datasets.split(",")))
+    if args.baseline_fractions is not None:
+        recipe = replace(recipe, baseline_fractions=tuple(float(f) for f in args.baseline_fractions.split(",")))
     data_root = default_data_root(args.data_root)
     datasets = local_medmnist(data_root)
     work, results_dir = Path(args.work) / args.recipe, Path(args.results)
@@ -276,7 +299,7 @@ def main() -> None:
                     r = finetune(recipe, dataset, mode, fraction, seed, source, data_root, work, args.device)
                     report(r, start)
                     results.append(r)
-                if recipe.baseline_epochs:
+                if recipe.runs_baseline(dataset, fraction):
                     r = train_resnet(dataset, fraction, seed, recipe.baseline_epochs, data_root,
                                      work / f"{dataset}-{BASELINE}-{fraction:g}-seed{seed}", args.device)
                     report(r, start)

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +87,20 @@ def test_goals_compare_with_the_resnet_of_the_same_table(monkeypatch):
     published = medmnist_recipe.goal_lines(summary, "retinamnist", (1.0, 0.1))
     assert published == ["- retinamnist, 100% labels: fine-tuned AUC 0.720 vs ResNet-18 (28) (published) 0.717 "
                          "(+0.003): met"]
+
+
+def test_the_baseline_can_run_on_some_cells_only(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import medmnist_recipe
+
+    cpu = medmnist_recipe.RECIPES["cpu"]
+    assert not cpu.runs_baseline("retinamnist", 0.1) and cpu.baseline_text() == "not run"
+    some = replace(cpu, baseline_epochs=100, baseline_datasets=("retinamnist",), baseline_fractions=(0.1, 0.01))
+    assert [some.runs_baseline(d, f) for d, f in [("retinamnist", 0.1), ("retinamnist", 1.0),
+                                                    ("adrenalmnist3d", 0.1)]] == [True, False, False]
+    assert some.baseline_text() == "100 epochs (retinamnist; 10%, 1% labels)"
+    every = replace(cpu, baseline_epochs=100)
+    assert every.runs_baseline("adrenalmnist3d", 1.0) and every.baseline_text() == "100 epochs"
 
 
 def test_a_stopped_pretraining_stops_the_recipe_and_is_not_reused(tmp_path, monkeypatch):
