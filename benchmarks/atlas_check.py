@@ -61,10 +61,10 @@ PLANS = {
 }
 # Options of the pretrained arm tried on val (`--val-only --variant NAME`); FINAL is the one chosen there.
 VARIANTS = {
-    "plain": {},
+    "plain": {"pretrained_args": ("--layer-decay", "1")},
     "layer-decay": {"pretrained_args": ("--layer-decay", "0.75")},
-    "low-lr": {"pretrained_args": ("--lr", "0.0003")},
-    "long-pretrain": {"pretrain_steps": 1800},
+    "low-lr": {"pretrained_args": ("--lr", "0.0003", "--layer-decay", "1")},
+    "long-pretrain": {"pretrain_steps": 1800, "pretrained_args": ("--layer-decay", "1")},
 }
 FINAL = "layer-decay"
 

@@ -25,7 +25,7 @@ import torch
 from cnn_baselines import train_resnet
 
 from medformer_core.api.datasets import default_data_root
-from medformer_core.downstream.finetune import PROBE_LR, FinetuneConfig, Finetuner
+from medformer_core.downstream.finetune import PRETRAINED_LAYER_DECAY, PROBE_LR, FinetuneConfig, Finetuner
 from medformer_core.engine.config import RunConfig, load_config
 from medformer_core.engine.trainer import Trainer
 
@@ -50,7 +50,7 @@ class Recipe:
     fractions: tuple[float, ...] = (1.0, 0.1, 0.01)
     seeds: tuple[int, ...] = (0, 1, 2)
     pretrain_per_seed: bool = True  # False: one pretraining (seed 0) serves every fine-tune seed
-    layer_decay: float = 1.0  # layer-wise LR decay when fine-tuning the pretrained encoder
+    layer_decay: float = PRETRAINED_LAYER_DECAY  # layer-wise LR decay when fine-tuning the pretrained encoder
     baseline_epochs: int = 0  # ResNet-18 beside every cell, MedMNIST protocol (100 epochs); 0: not run
     baseline_datasets: tuple[str, ...] = ()  # the datasets ResNet-18 runs on; empty: all
     baseline_fractions: tuple[float, ...] = ()  # the label fractions it runs at; empty: all
@@ -72,7 +72,7 @@ class Recipe:
 RECIPES = {
     "cpu": Recipe(pretrain_steps=2400, pretrain_batch=32, plugins=("mae", "mae3d", "rotation", "contrastive"),
                   model="tiny", epochs={1.0: 20, 0.1: 50, 0.01: 100}, batch_size=64, pretrain_per_seed=False,
-                  layer_decay=0.75, baseline_epochs=100, baseline_datasets=("retinamnist",),
+                  baseline_epochs=100, baseline_datasets=("retinamnist",),
                   baseline_fractions=(0.1, 0.01)),  # the ResNet-18 runs 2 cores afford: ~6 min a seed
     "gpu": Recipe(pretrain_steps=20000, pretrain_batch=256,
                   plugins=("mae", "mae3d", "rotation", "contrastive", "restoration"),

@@ -138,7 +138,8 @@ def finetune(
     batch_size: int = typer.Option(None, min=1, help="Samples per batch (default 64; segmentation 16)."),
     lr: float = typer.Option(None, min=0.0, help="Learning rate (default 1e-3; 1e-2 for a linear probe)."),
     layer_decay: float = typer.Option(None, min=0.0, max=1.0,
-                                      help="Layer-wise LR decay from the head down, e.g. 0.75 (default 1: off)."),
+                                      help="Layer-wise LR decay from the head down; 1 turns it off "
+                                           "(default 0.75 with --from, 1 from scratch)."),
     eval_every: int = typer.Option(None, min=1, help="Epochs between validations (default: about 20 per run)."),
     label_smoothing: float = typer.Option(None,
                                           help="Label smoothing of the supervised targets, e.g. 0.1 (default 0: off)."),

@@ -5,7 +5,7 @@ import pytest
 from medformer_core.api.datasets import resolve_dataset
 from medformer_core.api.errors import UsageError
 from medformer_core.api.plugins import registries
-from medformer_core.downstream.finetune import FinetuneConfig, layer_decay_groups
+from medformer_core.downstream.finetune import PRETRAINED_LAYER_DECAY, FinetuneConfig, layer_decay_groups
 from medformer_core.engine.builders import build_model
 from medformer_core.model.medformer import ModelConfig
 
@@ -59,3 +59,11 @@ def test_finetune_cli_takes_layer_decay(tmp_path, run_cli):
     assert "layer_decay = 0.75" in (tmp_path / "run" / "finetune.toml").read_text()
     code, _, err = run_cli("finetune", *data, "--layer-decay", "0", "--out", str(tmp_path / "bad"))
     assert code == 2 and "--layer-decay must be in (0, 1]" in err
+
+
+def test_a_pretrained_finetune_defaults_to_layer_decay_and_scratch_does_not():
+    pretrained = FinetuneConfig(dataset="phantoms2d", source="runs/pretrain")
+    assert pretrained.effective_layer_decay == PRETRAINED_LAYER_DECAY == 0.75
+    assert FinetuneConfig(dataset="phantoms2d").effective_layer_decay == 1.0
+    assert FinetuneConfig(dataset="phantoms2d", source="runs/pretrain", linear_probe=True).effective_layer_decay == 1.0
+    assert FinetuneConfig(dataset="phantoms2d", source="runs/pretrain", layer_decay=1.0).effective_layer_decay == 1.0
