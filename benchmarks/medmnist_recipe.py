@@ -252,7 +252,7 @@ def label_efficiency_plot(summary: dict, datasets: list[str], fractions, path: P
     plt.close(fig)
 
 
-def cells(text: str, kind) -> tuple:
+def option_list(text: str, kind) -> tuple:
     """A comma-separated option as a tuple of `kind`; "all" is the empty tuple (no restriction)."""
     return () if text == "all" else tuple(kind(part) for part in text.split(","))
 
@@ -287,9 +287,9 @@ def main() -> None:
     if args.baseline_epochs is not None:
         recipe = replace(recipe, baseline_epochs=args.baseline_epochs)
     if args.baseline_datasets is not None:
-        recipe = replace(recipe, baseline_datasets=cells(args.baseline_datasets, str))
+        recipe = replace(recipe, baseline_datasets=option_list(args.baseline_datasets, str))
     if args.baseline_fractions is not None:
-        recipe = replace(recipe, baseline_fractions=cells(args.baseline_fractions, float))
+        recipe = replace(recipe, baseline_fractions=option_list(args.baseline_fractions, float))
     data_root = default_data_root(args.data_root)
     datasets = local_medmnist(data_root)
     work, results_dir = Path(args.work) / args.recipe, Path(args.results)

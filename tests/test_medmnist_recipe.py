@@ -97,12 +97,12 @@ def test_the_baseline_can_run_on_some_cells_only(monkeypatch):
     assert [cpu.runs_baseline(d, f) for d, f in [("retinamnist", 0.1), ("retinamnist", 1.0),
                                                    ("adrenalmnist3d", 0.1)]] == [True, False, False]
     assert cpu.baseline_text() == "100 epochs (retinamnist; 10%, 1% labels)"
-    every = replace(cpu, baseline_datasets=medmnist_recipe.cells("all", str),
-                    baseline_fractions=medmnist_recipe.cells("all", float))
+    every = replace(cpu, baseline_datasets=medmnist_recipe.option_list("all", str),
+                    baseline_fractions=medmnist_recipe.option_list("all", float))
     assert every.runs_baseline("adrenalmnist3d", 1.0) and every.baseline_text() == "100 epochs"
     off = replace(cpu, baseline_epochs=0)
     assert not off.runs_baseline("retinamnist", 0.1) and off.baseline_text() == "not run"
-    assert medmnist_recipe.cells("0.1,0.01", float) == (0.1, 0.01)
+    assert medmnist_recipe.option_list("0.1,0.01", float) == (0.1, 0.01)
 
 
 def test_a_stopped_pretraining_stops_the_recipe_and_is_not_reused(tmp_path, monkeypatch):
