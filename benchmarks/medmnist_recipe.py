@@ -25,7 +25,7 @@ import torch
 from cnn_baselines import train_resnet
 
 from medformer_core.api.datasets import default_data_root
-from medformer_core.downstream.finetune import PRETRAINED_LAYER_DECAY, PROBE_LR, FinetuneConfig, Finetuner
+from medformer_core.downstream.finetune import PRETRAINED_LAYER_DECAY, FinetuneConfig, Finetuner
 from medformer_core.engine.config import RunConfig, load_config
 from medformer_core.engine.trainer import Trainer
 
@@ -124,17 +124,18 @@ def pretrain_seconds(run_dir: Path) -> float:
 
 def finetune(recipe: Recipe, dataset: str, mode: str, fraction: float, seed: int, source: Path,
              data_root: Path, out: Path, device: str) -> dict:
+    """One fine-tune, probe or from-scratch run at the mode's default learning rate; a finished run
+    is reused. Fine-tune runs are named by their layer decay."""
     decay = recipe.layer_decay if mode == "finetune" else 1.0
+    config = FinetuneConfig(
+        dataset=dataset, source=None if mode == "scratch" else str(source), linear_probe=mode == "linear-probe",
+        label_fraction=fraction, epochs=recipe.epochs[fraction], batch_size=recipe.batch_size, layer_decay=decay,
+        model=recipe.model, seed=seed, data_root=str(data_root), device=device,
+    )
     suffix = "" if decay == 1.0 else f"-decay{decay:g}"
     run_dir = out / f"{dataset}-{mode}-{fraction:g}-seed{seed}{suffix}"
     if (run_dir / "results.json").is_file():
         return json.loads((run_dir / "results.json").read_text())
-    config = FinetuneConfig(
-        dataset=dataset, source=None if mode == "scratch" else str(source), linear_probe=mode == "linear-probe",
-        label_fraction=fraction, epochs=recipe.epochs[fraction], batch_size=recipe.batch_size,
-        lr=PROBE_LR if mode == "linear-probe" else FinetuneConfig.lr, layer_decay=decay, model=recipe.model, seed=seed,
-        data_root=str(data_root), device=device,
-    )
     return Finetuner(config, run_dir, quiet=True, resume=(run_dir / "checkpoints").is_dir()).run()
 
 

@@ -159,7 +159,7 @@ def finetune(
 ):
     """Fine-tune (or linear-probe) a pretrained encoder on a labeled dataset; report test AUC and ACC
     (classification) or per-class Dice (segmentation)."""
-    from medformer_core.downstream.finetune import PROBE_LR, FinetuneConfig, Finetuner, read_finetune_config
+    from medformer_core.downstream.finetune import FinetuneConfig, Finetuner, read_finetune_config
 
     given = {
         "dataset": dataset, "task": task, "source": source, "linear_probe": linear_probe or None,
@@ -178,7 +178,7 @@ def finetune(
         raise UsageError("--dataset is required",
                          hint="e.g. --dataset retinamnist; or --resume --out RUN to continue a fine-tune")
     else:
-        config = FinetuneConfig(**{"lr": PROBE_LR, **given} if linear_probe else given)
+        config = FinetuneConfig(**given)
     run_dir = out_dir or Path("runs") / time.strftime(f"finetune-{dataset.replace(':', '-')}-%Y%m%d-%H%M%S")
     try:
         results = Finetuner(config, run_dir, quiet=quiet, resume=resume).run()

@@ -161,8 +161,9 @@ def test_sigterm_mid_epoch_checkpoints_and_resumes_exactly(tmp_path, run_cli, en
     assert_same_run(run, uninterrupted)
 
 
-def test_a_pretrained_finetune_records_its_default_layer_decay(uninterrupted):
-    assert json.loads((uninterrupted / "results.json").read_text())["layer_decay"] == 0.75
+def test_a_pretrained_finetune_records_its_default_lr_and_layer_decay(uninterrupted):
+    results = json.loads((uninterrupted / "results.json").read_text())
+    assert (results["lr"], results["layer_decay"]) == (1e-3, 0.75)
 
 
 def test_a_finetune_writes_metrics_and_the_loss_plot(uninterrupted):

@@ -5,7 +5,13 @@ import pytest
 from medformer_core.api.datasets import resolve_dataset
 from medformer_core.api.errors import UsageError
 from medformer_core.api.plugins import registries
-from medformer_core.downstream.finetune import PRETRAINED_LAYER_DECAY, FinetuneConfig, layer_decay_groups
+from medformer_core.downstream.finetune import (
+    FINETUNE_LR,
+    PRETRAINED_LAYER_DECAY,
+    PROBE_LR,
+    FinetuneConfig,
+    layer_decay_groups,
+)
 from medformer_core.engine.builders import build_model
 from medformer_core.model.medformer import ModelConfig
 
@@ -67,3 +73,10 @@ def test_a_pretrained_finetune_defaults_to_layer_decay_and_scratch_does_not():
     assert FinetuneConfig(dataset="phantoms2d").effective_layer_decay == 1.0
     assert FinetuneConfig(dataset="phantoms2d", source="runs/pretrain", linear_probe=True).effective_layer_decay == 1.0
     assert FinetuneConfig(dataset="phantoms2d", source="runs/pretrain", layer_decay=1.0).effective_layer_decay == 1.0
+
+
+def test_the_default_learning_rate_follows_the_mode():
+    assert FinetuneConfig(dataset="phantoms2d", source="runs/pretrain").effective_lr == FINETUNE_LR == 1e-3
+    assert FinetuneConfig(dataset="phantoms2d").effective_lr == FINETUNE_LR
+    assert FinetuneConfig(dataset="phantoms2d", source="runs/pretrain", linear_probe=True).effective_lr == PROBE_LR
+    assert FinetuneConfig(dataset="phantoms2d", source="runs/pretrain", lr=5e-4).effective_lr == 5e-4

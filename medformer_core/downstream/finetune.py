@@ -43,6 +43,7 @@ SEGMENTATION_TASK = "segmentation"
 TASKS = {"classification": SUPERVISED_TASK, "segmentation": SEGMENTATION_TASK}  # --task -> the task plugin
 # Epochs and batch size when not given: segmentation learns from every voxel, so fewer, smaller batches do.
 TASK_DEFAULTS = {SUPERVISED_TASK: {"epochs": 30, "batch_size": 64}, SEGMENTATION_TASK: {"epochs": 8, "batch_size": 16}}
+FINETUNE_LR = 1e-3  # the default learning rate of a fine-tune or from-scratch run (ablation_model.md, section 9)
 PROBE_LR = 1e-2  # the default learning rate of a linear probe (only the head trains)
 # The default layer-wise LR decay when fine-tuning a pretrained encoder. Chosen on val in 2D, in 3D
 # (the MedMNIST recipe) and for segmentation (the atlas check): it won in all three, and without it
@@ -62,7 +63,7 @@ class FinetuneConfig:
     label_fraction: float = 1.0
     epochs: int | None = None  # None: the task's default (TASK_DEFAULTS)
     batch_size: int | None = None
-    lr: float = 1e-3  # a linear probe takes PROBE_LR
+    lr: float | None = None  # None: PROBE_LR for a linear probe, else FINETUNE_LR
     weight_decay: float = 0.05
     layer_decay: float | None = None  # LR factor per layer from the head down (MAE/BEiT); 1: off;
     # None: PRETRAINED_LAYER_DECAY when fine-tuning a pretrained encoder, else 1
@@ -77,6 +78,13 @@ class FinetuneConfig:
     ema: float = 0.0  # decay of an EMA of the weights, validated and saved instead of them; 0: off
     mixup: float = 0.0  # mixup alpha: pairs mixed with weight ~ Beta(alpha, alpha); 0: off
     tensorboard: bool = False
+
+    @property
+    def effective_lr(self) -> float:
+        """The learning rate this run trains with: as given, else the default for its mode."""
+        if self.lr is not None:
+            return self.lr
+        return PROBE_LR if self.linear_probe else FINETUNE_LR
 
     @property
     def effective_layer_decay(self) -> float:
@@ -96,7 +104,7 @@ class FinetuneConfig:
             raise UsageError(f"--task must be auto, classification or segmentation, got '{self.task}'")
         if not 0.0 < self.label_fraction <= 1.0:
             raise UsageError(f"--label-fraction must be in (0, 1], got {self.label_fraction}")
-        if (self.epochs or 1) < 1 or (self.batch_size or 1) < 1 or self.lr <= 0:
+        if (self.epochs or 1) < 1 or (self.batch_size or 1) < 1 or (self.lr is not None and self.lr <= 0):
             raise UsageError("--epochs and --batch-size must be >= 1 and --lr > 0")
         if self.layer_decay is not None and not 0.0 < self.layer_decay <= 1.0:
             raise UsageError(f"--layer-decay must be in (0, 1], got {self.layer_decay}",
@@ -239,12 +247,12 @@ class Finetuner(Engine):
         self.train_split, self.val, self.test = self._load_splits()
         defaults = TASK_DEFAULTS[self.task_name]
         config = self.config = replace(config, **{k: v for k, v in defaults.items() if getattr(config, k) is None},
-                                       layer_decay=config.effective_layer_decay)
+                                       lr=config.effective_lr, layer_decay=config.effective_layer_decay)
         info = self.train_split.info
         self.splits = {info.name: self.train_split}
         self.model = build_finetune_model(config, info).to(self.device)
         self.weighting = make_weighting("fixed", {self.task_name: 1.0})
-        groups = layer_decay_groups(self.model, config.lr, config.effective_layer_decay)
+        groups = layer_decay_groups(self.model, config.lr, config.layer_decay)
         self.optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
         self.sampler = epoch_sampler(info.name, len(self.train_split), config.batch_size, config.seed,
                                      self.dist.rank, self.dist.world_size)
@@ -351,7 +359,8 @@ class Finetuner(Engine):
         results = {
             "dataset": train.info.name, "task": task, "mode": config.mode, "source": config.source,
             "label_fraction": config.label_fraction, "train_samples": len(train), "seed": config.seed,
-            "epochs": config.epochs, "layer_decay": config.layer_decay, "best_epoch": self.best["epoch"],
+            "epochs": config.epochs, "lr": config.lr, "layer_decay": config.layer_decay,
+            "best_epoch": self.best["epoch"],
             "val": self.best["val"], "test": test_metrics,
             "seconds": self.seconds(), "history": self.history,
         }
