@@ -360,8 +360,7 @@ class Finetuner(Engine):
             "dataset": train.info.name, "task": task, "mode": config.mode, "source": config.source,
             "label_fraction": config.label_fraction, "train_samples": len(train), "seed": config.seed,
             "epochs": config.epochs, "lr": config.lr, "layer_decay": config.layer_decay,
-            "best_epoch": self.best["epoch"],
-            "val": self.best["val"], "test": test_metrics,
+            "best_epoch": self.best["epoch"], "val": self.best["val"], "test": test_metrics,
             "seconds": self.seconds(), "history": self.history,
         }
         if self.dist.is_main:

@@ -61,9 +61,10 @@ class MultiDatasetSampler:
     def __next__(self) -> tuple[str, np.ndarray]:
         name = self._choose(self.step)
         epoch, number = self._cursor[name]
-        if number >= self.batches_per_epoch(name):
+        batches = self.batches_per_epoch(name)
+        if number >= batches:
             epoch, number = epoch + 1, 0
-        indices = self._batch(self._shard(name, epoch), number, self.batches_per_epoch(name))
+        indices = self._batch(self._shard(name, epoch), number, batches)
         self._cursor[name] = (epoch, number + 1)
         self.step += 1
         return name, indices
