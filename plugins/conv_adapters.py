@@ -9,10 +9,13 @@ position embedding of that grid.
 The stem halves the resolution with each stride-2 convolution while the patch has a factor of 2
 left; what remains (a patch of 3, 5, 6, ...) is one convolution with kernel = stride = that factor.
 
-MAE: with `keep`, the pixels of every patch not kept are zeroed before the stem, so a visible
-token never sees masked content (its receptive field reaches into neighbouring patches, which are
-then zeros), and only the kept tokens are returned. GroupNorm, not BatchNorm: no statistics are
-shared across samples, so batch size, masking and DDP do not change what a token sees.
+MAE: with `keep`, the stem runs as a sparse convolution over the visible patches (as SparK,
+Tian et al. 2023, pretrains CNNs): the hidden patches are zeroed at the input and again after every
+layer, and each GroupNorm takes its statistics over the visible positions only. A visible token
+never sees masked content, and its features are normalised as they are when the whole image is
+seen, so what pretraining learns carries over to fine-tuning. Only the kept tokens are returned.
+GroupNorm, not BatchNorm: no statistics are shared across samples, so batch size and DDP do not
+change what a token sees.
 """
 
 import math
@@ -56,26 +59,59 @@ class ConvStem(GridEmbedding):
         layers.append(conv(width_in, embed_dim, 1))
         self.stem = nn.Sequential(*layers)
 
-    def mask_hidden_patches(self, x: torch.Tensor, grid: tuple[int, ...], keep: torch.Tensor) -> torch.Tensor:
-        """x [B, C, *S'] (padded) with the pixels of every patch not in `keep` [B, n_keep] set to 0."""
-        visible = x.new_zeros(x.shape[0], math.prod(grid))
-        visible.scatter_(1, keep, 1.0)
-        visible = visible.reshape(x.shape[0], 1, *grid)
-        for axis, p in enumerate(self.patch_size):
-            visible = visible.repeat_interleave(p, dim=2 + axis)
-        return x * visible
-
     def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         self.check(x)
         grid = grid_shape(tuple(x.shape[2:]), self.patch_size)
         x = pad_to_multiple(x, self.patch_size)
-        if keep is not None:
-            x = self.mask_hidden_patches(x, grid, keep)
-        tokens = self.stem(x).flatten(2).transpose(1, 2)  # [B, N, E]
+        if keep is None:
+            features = self.stem(x)
+        else:
+            features = self.sparse_stem(x, visible_patches(keep, grid))
+        tokens = features.flatten(2).transpose(1, 2)  # [B, N, E]
         tokens = tokens + self.position_embedding(grid, x.device, tokens.dtype)
         if keep is None:
             return tokens
         return torch.gather(tokens, 1, keep.unsqueeze(-1).expand(-1, -1, self.embed_dim))
+
+
+    def sparse_stem(self, x: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """The stem over the visible patches only: x [B, C, *S'] (padded), visible [B, 1, *grid]."""
+        x = x * upsample(visible, x)
+        for layer in self.stem:
+            if isinstance(layer, nn.GroupNorm):
+                x = masked_group_norm(layer, x, upsample(visible, x))
+            else:
+                x = layer(x)
+            if isinstance(layer, nn.GELU):
+                x = x * upsample(visible, x)
+        return x
+
+
+def visible_patches(keep: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
+    """keep [B, n_keep] (indices into the flattened grid) -> 1 on kept patches, else 0: [B, 1, *grid]."""
+    visible = torch.zeros(keep.shape[0], math.prod(grid), device=keep.device)
+    visible.scatter_(1, keep, 1.0)
+    return visible.reshape(keep.shape[0], 1, *grid)
+
+
+def upsample(visible: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """visible [B, 1, *grid] repeated to x's spatial size [B, 1, *S] (a multiple of the grid), in x's dtype."""
+    for axis in range(2, x.ndim):
+        visible = visible.repeat_interleave(x.shape[axis] // visible.shape[axis], dim=axis)
+    return visible.to(x.dtype)
+
+
+def masked_group_norm(norm: nn.GroupNorm, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`norm` applied to x [B, C, *S] with each group's statistics taken where mask [B, 1, *S] is 1."""
+    b, c = x.shape[:2]
+    groups = x.reshape(b, norm.num_groups, c // norm.num_groups, -1)  # [B, G, C/G, prod(S)]
+    weights = mask.reshape(b, 1, 1, -1)
+    count = weights.sum(-1, keepdim=True).clamp_min(1.0) * groups.shape[2]
+    mean = (groups * weights).sum((2, 3), keepdim=True) / count
+    var = ((groups - mean).square() * weights).sum((2, 3), keepdim=True) / count
+    normed = ((groups - mean) / torch.sqrt(var + norm.eps)).reshape_as(x)
+    scale = (1, c) + (1,) * (x.ndim - 2)
+    return normed * norm.weight.reshape(scale) + norm.bias.reshape(scale)
 
 
 @hookimpl

@@ -7,7 +7,7 @@ import torch
 from medformer_core.api.interfaces import InputSpec
 from medformer_core.api.plugins import registries
 from medformer_core.model.medformer import Medformer, ModelConfig, latent_grid, latent_regions, region_means
-from medformer_plugins.conv_adapters import stem_strides
+from medformer_plugins.conv_adapters import masked_group_norm, stem_strides, upsample, visible_patches
 
 
 def stem(spatial_dims: int, channels: int = 1, patch: int = 4, embed_dim: int = 16):
@@ -47,7 +47,7 @@ def test_masked_pixels_never_reach_a_visible_token(spatial_dims):
     x = torch.rand(2, 1, *size)
     hidden = torch.ones(2, n)
     hidden.scatter_(1, keep, 0.0)
-    pixels = module.mask_hidden_patches(torch.ones_like(x), (4,) * spatial_dims, keep)
+    pixels = upsample(visible_patches(keep, (4,) * spatial_dims), x)
     assert pixels.sum() == x[0].numel() // 4 * 2  # a quarter of each image stays
     changed = x + torch.rand_like(x) * (1 - pixels)  # new content only where patches are hidden
     assert torch.equal(module(x, keep), module(changed, keep))
@@ -55,13 +55,32 @@ def test_masked_pixels_never_reach_a_visible_token(spatial_dims):
     assert not torch.allclose(module(x, keep), module(visible_change, keep))
 
 
-def test_kept_tokens_are_the_tokens_of_the_masked_image():
-    module = stem(2).eval()
-    x = torch.rand(2, 1, 16, 16)
-    keep = torch.tensor([[0, 5, 10], [3, 12, 15]])
-    masked = module.mask_hidden_patches(x, (4, 4), keep)
-    full = module(masked)
-    assert torch.allclose(module(x, keep), torch.gather(full, 1, keep[..., None].expand(-1, -1, 16)), atol=1e-6)
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_keeping_every_patch_gives_the_tokens_of_the_whole_image(spatial_dims):
+    module = stem(spatial_dims)
+    x = torch.rand(2, 1, *(16,) * spatial_dims)
+    keep = torch.arange(4 ** spatial_dims).repeat(2, 1)
+    assert torch.allclose(module(x, keep), module(x), atol=1e-5)
+
+
+def test_masked_group_norm_takes_its_statistics_over_the_visible_positions():
+    norm = torch.nn.GroupNorm(2, 4)
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    x = torch.randn(3, 4, 6, 5)
+    assert torch.allclose(masked_group_norm(norm, x, torch.ones(3, 1, 6, 5)), norm(x), atol=1e-5)
+    mask = torch.zeros(3, 1, 6, 5)
+    mask[..., :3, :] = 1.0
+    visible = masked_group_norm(norm, x * 7.0 * (1 - mask) + x * mask, mask)[..., :3, :]
+    assert torch.allclose(visible, masked_group_norm(norm, x, mask)[..., :3, :], atol=1e-5)
+    assert torch.allclose(visible, norm(x[..., :3, :]), atol=1e-5)
+
+
+def test_the_visible_mask_follows_the_kept_patches():
+    visible = visible_patches(torch.tensor([[0, 3]]), (2, 2))
+    assert visible.tolist() == [[[[1.0, 0.0], [0.0, 1.0]]]]
+    assert upsample(visible, torch.zeros(1, 5, 4, 6)).shape == (1, 1, 4, 6)
+    assert upsample(visible, torch.zeros(1, 5, 4, 6))[0, 0, :, :3].tolist() == [[1.0] * 3] * 2 + [[0.0] * 3] * 2
 
 
 def test_latent_grids_split_the_latents_evenly():
