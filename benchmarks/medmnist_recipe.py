@@ -25,9 +25,12 @@ import torch
 from cnn_baselines import train_resnet
 
 from medformer_core.api.datasets import default_data_root
+from medformer_core.api.errors import UsageError
+from medformer_core.api.options import parse_options, split_pairs
 from medformer_core.downstream.finetune import PRETRAINED_LAYER_DECAY, FinetuneConfig, Finetuner
 from medformer_core.engine.config import RunConfig, load_config
 from medformer_core.engine.trainer import Trainer
+from medformer_core.model.medformer import ModelConfig
 
 HERE = Path(__file__).resolve().parent
 BASELINES = {  # published MedMNIST v2 test AUC / ACC (Yang et al. 2023), the strongest ResNet-18 column
@@ -54,11 +57,16 @@ class Recipe:
     baseline_epochs: int = 0  # ResNet-18 beside every cell, MedMNIST protocol (100 epochs); 0: not run
     baseline_datasets: tuple[str, ...] = ()  # the datasets ResNet-18 runs on; empty: all
     baseline_fractions: tuple[float, ...] = ()  # the label fractions it runs at; empty: all
+    model_options: tuple[tuple[str, object], ...] = ()  # overrides of the preset, e.g. (("adapter3d", "conv3d"),)
 
     def runs_baseline(self, dataset: str, fraction: float) -> bool:
         """Whether ResNet-18 is trained beside the cell (dataset, fraction)."""
         return bool(self.baseline_epochs) and (not self.baseline_datasets or dataset in self.baseline_datasets) \
             and (not self.baseline_fractions or fraction in self.baseline_fractions)
+
+    def options_text(self) -> str:
+        """The model options, for the table's header: " (adapter3d=conv3d)", or "" without any."""
+        return f" ({', '.join(f'{k}={v}' for k, v in self.model_options)})" if self.model_options else ""
 
     def baseline_text(self) -> str:
         """How ResNet-18 was run, for the table's header."""
@@ -97,15 +105,19 @@ def pretrain(recipe: Recipe, datasets: list[str], data_root: Path, seed: int, ou
     """Pretrain (or find, in a resumed recipe) the encoder for `seed`; its run time goes to seconds.json."""
     run_dir = out / f"pretrain-seed{seed}"
     if (run_dir / "config.toml").is_file():
-        found = load_config(run_dir / "config.toml", {}).steps
-        if found != recipe.pretrain_steps:
-            sys.exit(f"error: {run_dir} holds a {found}-step pretraining, not {recipe.pretrain_steps}; "
+        found = load_config(run_dir / "config.toml", {})
+        if found.steps != recipe.pretrain_steps:
+            sys.exit(f"error: {run_dir} holds a {found.steps}-step pretraining, not {recipe.pretrain_steps}; "
                      "pass another --work")
+        if found.model_options != dict(recipe.model_options):
+            sys.exit(f"error: {run_dir} was pretrained with model options {found.model_options}, not "
+                     f"{dict(recipe.model_options)}; pass another --work")
     if (run_dir / "seconds.json").is_file():  # written only when the pretraining ran to its last step
         return run_dir
     start = time.perf_counter()
     config = RunConfig(plugins=list(recipe.plugins), datasets=datasets, data_root=str(data_root),
-                       model=recipe.model, steps=recipe.pretrain_steps, batch_size=recipe.pretrain_batch,
+                       model=recipe.model, model_options=dict(recipe.model_options),
+                       steps=recipe.pretrain_steps, batch_size=recipe.pretrain_batch,
                        seed=seed, device=device, checkpoint_every=max(1, recipe.pretrain_steps // 4),
                        picture_every=recipe.pretrain_steps, log_every=10).validate()
     summary = Trainer(config, run_dir, resume=(run_dir / "checkpoints").is_dir(), quiet=True).run()
@@ -130,7 +142,8 @@ def finetune(recipe: Recipe, dataset: str, mode: str, fraction: float, seed: int
     config = FinetuneConfig(
         dataset=dataset, source=None if mode == "scratch" else str(source), linear_probe=mode == "linear-probe",
         label_fraction=fraction, epochs=recipe.epochs[fraction], batch_size=recipe.batch_size, layer_decay=decay,
-        model=recipe.model, seed=seed, data_root=str(data_root), device=device,
+        model=recipe.model, model_options=dict(recipe.model_options), seed=seed, data_root=str(data_root),
+        device=device,
     )
     suffix = "" if decay == 1.0 else f"-decay{decay:g}"
     run_dir = out / f"{dataset}-{mode}-{fraction:g}-seed{seed}{suffix}"
@@ -172,7 +185,8 @@ def markdown_table(summary: dict, datasets: list[str], recipe: Recipe, command: 
         "# MedMNIST: pretrained Medformer vs from scratch (test AUC / ACC, mean +- std over seeds)",
         "",
         f"Command: `{command}`  ",
-        f"Recipe: `{recipe.model}` model, {recipe.pretrain_steps} pretraining steps of {recipe.pretrain_batch} "
+        f"Recipe: `{recipe.model}` model{recipe.options_text()}, {recipe.pretrain_steps} pretraining steps of "
+        f"{recipe.pretrain_batch} "
         f"({', '.join(recipe.plugins)}), fine-tune layer decay {recipe.layer_decay:g}, ResNet-18 "
         f"{recipe.baseline_text()}, seeds "
         f"{', '.join(map(str, recipe.seeds))}.  ",
@@ -279,8 +293,18 @@ def main() -> None:
                              "recipe's; 'all': every one)")
     parser.add_argument("--pretrain-steps", type=int, default=None,
                         help="override the recipe's pretraining steps (use a fresh --work for it)")
+    parser.add_argument("--model-option", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override a field of the recipe's model preset, e.g. adapter3d=conv3d (repeat; use a "
+                             "fresh --work for it)")
     args = parser.parse_args()
     recipe = RECIPES[args.recipe]
+    if args.model_option:
+        try:
+            options = parse_options(ModelConfig, split_pairs(args.model_option, "--model-option",
+                                                             "--model-option adapter3d=conv3d"), "--model-option")
+        except UsageError as exc:
+            sys.exit(f"error: {exc}")
+        recipe = replace(recipe, model_options=tuple(options.items()))
     if args.layer_decay is not None:
         recipe = replace(recipe, layer_decay=args.layer_decay)
     if args.pretrain_steps is not None:
@@ -321,6 +345,7 @@ def main() -> None:
     (results_dir / f"medmnist_{args.recipe}.md").write_text(table)
     (results_dir / f"medmnist_{args.recipe}.json").write_text(json.dumps(
         {"recipe": args.recipe, "pretrain_steps": recipe.pretrain_steps, "layer_decay": recipe.layer_decay,
+         "model": recipe.model, "model_options": dict(recipe.model_options),
          "selection_score": selection_score(summary), "minutes": minutes, "hardware": device,
          "runs": [{k: v for k, v in r.items() if k != "history"} for r in results]}, indent=2))
     label_efficiency_plot(summary, datasets, recipe.fractions, results_dir / f"label_efficiency_{args.recipe}.png")

@@ -58,6 +58,12 @@ def test_smoke_recipe_writes_table_json_and_plot_and_resumes(tmp_path, fake_arra
     assert longer.returncode != 0
     assert "holds a 4-step pretraining, not 5" in longer.stderr and "--work" in longer.stderr
 
+    other_model = run_recipe(data_root, work, results, "--model-option", "latent_pool=true")
+    assert other_model.returncode != 0
+    assert "model options {}, not {'latent_pool': True}" in other_model.stderr and "--work" in other_model.stderr
+    unknown = run_recipe(data_root, work, results, "--model-option", "latnts=8")
+    assert unknown.returncode != 0 and "unknown setting 'latnts'" in unknown.stderr
+
 
 @pytest.mark.slow
 def test_recipe_names_the_missing_required_file(tmp_path):
@@ -127,3 +133,11 @@ def test_a_stopped_pretraining_stops_the_recipe_and_is_not_reused(tmp_path, monk
         with pytest.raises(SystemExit, match="stopped by SIGTERM at step 2; run the same command again"):
             medmnist_recipe.pretrain(recipe, ["retinamnist"], tmp_path, 0, tmp_path / "work", "cpu")
     assert not (tmp_path / "work" / "pretrain-seed0" / "seconds.json").exists()
+
+
+def test_the_table_header_names_the_model_options():
+    import medmnist_recipe
+
+    recipe = replace(medmnist_recipe.RECIPES["smoke"], model_options=(("adapter3d", "conv3d"), ("latent_pool", True)))
+    assert recipe.options_text() == " (adapter3d=conv3d, latent_pool=True)"
+    assert medmnist_recipe.RECIPES["smoke"].options_text() == ""
