@@ -102,16 +102,17 @@ def upsample(visible: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def masked_group_norm(norm: nn.GroupNorm, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """`norm` applied to x [B, C, *S] with each group's statistics taken where mask [B, 1, *S] is 1."""
+    """`norm` applied to x [B, C, *S] with each group's statistics taken where mask [B, 1, *S] is 1
+    (computed in float32, as autocast runs GroupNorm)."""
     b, c = x.shape[:2]
-    groups = x.reshape(b, norm.num_groups, c // norm.num_groups, -1)  # [B, G, C/G, prod(S)]
-    weights = mask.reshape(b, 1, 1, -1)
+    groups = x.float().reshape(b, norm.num_groups, c // norm.num_groups, -1)  # [B, G, C/G, prod(S)]
+    weights = mask.float().reshape(b, 1, 1, -1)
     count = weights.sum(-1, keepdim=True).clamp_min(1.0) * groups.shape[2]
     mean = (groups * weights).sum((2, 3), keepdim=True) / count
     var = ((groups - mean).square() * weights).sum((2, 3), keepdim=True) / count
     normed = ((groups - mean) / torch.sqrt(var + norm.eps)).reshape_as(x)
     scale = (1, c) + (1,) * (x.ndim - 2)
-    return normed * norm.weight.reshape(scale) + norm.bias.reshape(scale)
+    return (normed * norm.weight.reshape(scale) + norm.bias.reshape(scale)).to(x.dtype)
 
 
 @hookimpl

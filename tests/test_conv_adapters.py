@@ -74,6 +74,8 @@ def test_masked_group_norm_takes_its_statistics_over_the_visible_positions():
     visible = masked_group_norm(norm, x * 7.0 * (1 - mask) + x * mask, mask)[..., :3, :]
     assert torch.allclose(visible, masked_group_norm(norm, x, mask)[..., :3, :], atol=1e-5)
     assert torch.allclose(visible, norm(x[..., :3, :]), atol=1e-5)
+    half = masked_group_norm(norm, x.bfloat16(), torch.ones(3, 1, 6, 5, dtype=torch.bfloat16))
+    assert half.dtype == torch.bfloat16 and torch.allclose(half.float(), norm(x), atol=0.1)
 
 
 def test_the_visible_mask_follows_the_kept_patches():
