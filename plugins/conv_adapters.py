@@ -73,7 +73,6 @@ class ConvStem(GridEmbedding):
             return tokens
         return torch.gather(tokens, 1, keep.unsqueeze(-1).expand(-1, -1, self.embed_dim))
 
-
     def sparse_stem(self, x: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
         """The stem over the visible patches only: x [B, C, *S'] (padded), visible [B, 1, *grid]."""
         x = x * upsample(visible, x)
