@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from medformer_core.api.errors import CheckpointError, UsageError
-from medformer_core.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from medformer_core.engine.checkpoint import latest_checkpoint, load_checkpoint, mismatch_hint, save_checkpoint
 from medformer_core.engine.config import RunConfig, load_config, write_config
 from medformer_core.engine.loop import FirstLast, MetricWindow, step_losses
 from medformer_core.engine.schedule import warmup_cosine
@@ -83,6 +83,12 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
     path = save_checkpoint(tmp_path, 1, _model(), {}, keep=1)
     with pytest.raises(CheckpointError, match="does not match"):
         load_checkpoint(path, torch.nn.Sequential(torch.nn.Linear(3, 4)))
+
+
+def test_a_checkpoint_with_other_input_adapters_names_the_option_that_rebuilds_them():
+    assert mismatch_hint(["encoder.adapters.patch2d_1ch.weight", "encoder.adapters.patch2d_1ch.bias"]) == \
+        "the checkpoint's input adapters are patch2d: resume with --model-option adapter2d=patch2d"
+    assert "same plugins" in mismatch_hint(["heads.rotation.weight"])
 
 
 def test_state_with_pickled_objects_is_refused(tmp_path):

@@ -17,6 +17,7 @@ from medformer_core.api.errors import CheckpointError
 from medformer_core.api.files import atomic_write
 
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
+ADAPTER_KEY = re.compile(r"adapters\.(\w+?[23]d)_\d+ch\.")  # encoder.adapters.patch2d_1ch.weight -> patch2d
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
 
@@ -63,13 +64,22 @@ def load_checkpoint(path: Path, model: torch.nn.Module) -> dict:
         raise CheckpointError(
             f"{model_file} does not match this run's model (missing {sorted(missing)[:3]}, "
             f"unexpected {sorted(unexpected)[:3]})",
-            hint="resume with the same plugins, datasets and model preset as the original run",
+            hint=mismatch_hint(unexpected),
         )
     try:
         return torch.load(state_file, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for truncated or foreign files
         raise CheckpointError(f"cannot read {state_file}: {type(exc).__name__}: {exc}".splitlines()[0],
                               hint=f"delete {path} to resume from the previous checkpoint") from None
+
+
+def mismatch_hint(unexpected: list[str]) -> str:
+    """How to rebuild the model a checkpoint was written by: its input adapters, when they differ."""
+    adapters = sorted({m.group(1) for key in unexpected if (m := ADAPTER_KEY.search(key))})
+    if adapters:
+        options = " ".join(f"--model-option adapter{name[-2:]}={name}" for name in adapters)
+        return f"the checkpoint's input adapters are {', '.join(adapters)}: resume with {options}"
+    return "resume with the same plugins, datasets and model preset as the original run"
 
 
 def latest_checkpoint(root: Path) -> Path | None:
