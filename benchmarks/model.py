@@ -7,11 +7,10 @@ Inputs: 128 images 28x28x1, 128 images 28x28x3, 32 volumes 28^3, 8 volumes 64^3 
 Models, same width (192), depth (4), heads (3) and MLP ratio (4):
 - vit:                 a plain ViT written with torch.nn (Conv patch embedding, fixed sin-cos
                        positions, nn.TransformerEncoder with pre-norm, final LayerNorm) over all tokens;
-- medformer-latents0:  the Medformer encoder with latents=0 and the patch adapters (our patch
-                       embedding through the kernels' dispatch, dataset embedding, body over all
-                       tokens): the adapters' overhead at equal token counts;
-- medformer:           the `tiny` preset, 32 latents (2D through its conv2d stem): the body sees 32
-                       latents, whatever the input.
+- medformer-latents0:  the Medformer encoder with latents=0 (our input adapter through the kernels'
+                       dispatch, dataset embedding, body over all tokens): the adapters' overhead at
+                       equal token counts;
+- medformer:           the `tiny` preset, 32 latents: the body sees 32 latents, whatever the input.
 Each measurement runs in its own process. The loss is the mean square of the encoder output; the
 time is the fastest step after one warm-up step (steps until 3 s have passed, at least one), and
 the best of `--rounds` runs: the CPU may be shared, and contention only ever slows a step.
@@ -79,7 +78,7 @@ def build(name: str, channels: int, size: tuple[int, ...]) -> nn.Module:
     if name == "vit":
         patch = tiny.patch2d if len(size) == 2 else tiny.patch3d
         return PlainViT(channels, size, tiny.embed_dim, tiny.depth, tiny.heads, tiny.mlp_ratio, patch)
-    config = model_config(tiny, latents=0, adapter2d="patch2d") if name == "medformer-latents0" else tiny
+    config = model_config(tiny, latents=0) if name == "medformer-latents0" else tiny
     encoder = Medformer(config, [InputSpec(len(size), channels, size)], ["bench"], registries().input_adapters)
     return _BoundEncoder(encoder)
 

@@ -25,7 +25,7 @@ def test_each_batch_runs_the_tasks_that_accept_its_dataset(tiny_model, phantom_b
 
 def test_slice_position_adds_a_2d_adapter_for_the_volumes_channels(tiny_model, phantom_info):
     model = tiny_model(tasks("slice-position"), [phantom_info(3, channels=2)])
-    assert set(model.encoder.adapters) == {"patch3d_2ch", "conv2d_2ch"}
+    assert set(model.encoder.adapters) == {"patch3d_2ch", "patch2d_2ch"}
 
 
 def test_label_tasks_skip_unlabeled_batches(tiny_model, phantom_batch, phantom_info):

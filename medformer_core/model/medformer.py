@@ -12,11 +12,11 @@ With `latents=0` the tokens go straight into the body (a plain ViT): the baselin
 The encoder (`Medformer`: adapters, dataset embeddings, latents, Input Adaptformer, body) exports to
 `model.safetensors` + `config.json` and loads back with `Medformer.from_pretrained`.
 
-Input adapters (benchmarks/results/ablation_model.md): 2D images go through the `conv2d`
-convolutional stem, which pretrains into a far better 2D encoder than a patch projection; 3D
-volumes through `patch3d` (the Triton patch-embedding kernel), because the `conv3d` stem was
-unstable on val in 3D. `latent_pool` (each latent starts from its own region of the input) is an
-option: it fits faster but did not win on val.
+Two options speed up fitting small sets (benchmarks/results/ablation_model.md): `latent_pool`
+starts each latent from its own region of the input instead of from nearly identical learned
+embeddings, and the `conv2d`/`conv3d` adapters put a convolutional stem before the latents. They
+are not the defaults: on val, the 2D stem won after a short pretraining but lost after the
+recipe's full one, and collapsed on one 1% label subset; the 3D stem was unstable.
 
 Modalities: the model keeps one input adapter per (adapter, channel count), keyed e.g.
 `patch3d_1ch`, shared by every dataset of that modality (a patch projection pretrained on one CT set
@@ -59,7 +59,7 @@ class ModelConfig:
     latent_pool: bool = False  # each latent starts from the mean of its region's tokens (see latent_regions)
     patch2d: int = 4
     patch3d: int = 4
-    adapter2d: str = "conv2d"
+    adapter2d: str = "patch2d"
     adapter3d: str = "patch3d"
     drop_path: float = 0.0  # stochastic depth of the last body block (linear from 0)
     decoder_depth: int = 1  # cross-attention blocks in each task's Output Adaptformer
