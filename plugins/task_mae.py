@@ -1,8 +1,9 @@
 """`mae` (2D) and `mae3d` (3D): masked autoencoding (He et al., 2022) through the Adaptformers.
 
 A random `mask_ratio` of the patches is hidden; the input adapter embeds only the visible ones
-(`keep`; the conv stems run as sparse convolutions over them), the latents read them, and one dense query per masked patch (its position embedding plus
-a learned mask token) reconstructs that patch's pixels. The loss is the mean squared error on the
+(`keep`; the conv stems run as sparse convolutions over them), the latents read them, and one dense
+query per masked patch (its position embedding plus a learned mask token) reconstructs that patch's
+pixels. The loss is the mean squared error on the
 masked patches only, against per-patch normalised pixels when `norm_pix_loss` (MAE's default).
 """
 
