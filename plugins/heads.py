@@ -1,8 +1,9 @@
 """Output heads `label`, `dense`, `segment` and `embedding`: small maps from query features [B, Q, E].
 
-- label:     pools the queries, then LayerNorm + Linear -> logits [B, num_outputs]. With
-             `ordinal=True` it is a CORAL head (Cao et al., 2020): one shared weight vector and
-             num_outputs ordered biases -> cumulative logits [B, num_outputs], logit k for P(y > k).
+- label:     pools the queries, then LayerNorm, BatchNorm (no affine; `batch_norm=False` leaves it
+             out) + Linear -> logits [B, num_outputs]. With `ordinal=True` it is a CORAL head (Cao et al., 2020): one
+             shared weight vector and num_outputs ordered biases -> cumulative logits
+             [B, num_outputs], logit k for P(y > k).
 - dense:     per query LayerNorm + Linear -> the pixels of its patch [B, Q, channels * prod(patch)].
 - segment:   per query LayerNorm + Linear -> `hidden` features per voxel of its patch (the
              upsampling), unpatchified; a residual 3x3(x3) convolution over them and the
@@ -23,11 +24,22 @@ from medformer_core.model.patches import unpatchify
 
 
 class LabelHead(nn.Module):
-    """features [B, Q, E] -> logits [B, num_outputs] (cumulative logits when ordinal)."""
+    """features [B, Q, E] -> logits [B, num_outputs] (cumulative logits when ordinal).
 
-    def __init__(self, embed_dim: int, num_outputs: int, ordinal: bool = False):
+    The pooled feature is centred and scaled across the batch before the linear map (as MAE's linear
+    probe does). Medical images of one set share most of their content (empty background, the same
+    anatomy), so at first what an image adds to the pooled feature is about 1% of it; without the
+    BatchNorm the classifier learns the label prior from the shared part and the gradient that reaches
+    the encoder vanishes (the model never leaves the prior's loss). The BatchNorm gives the classifier
+    only what differs between images. A training batch of one image is normalised with the running
+    statistics. A task that decodes batches sharing their label (the dataset a batch comes from, the
+    axis of a group of slices) passes `batch_norm=False`: centring over the batch would erase it.
+    """
+
+    def __init__(self, embed_dim: int, num_outputs: int, ordinal: bool = False, batch_norm: bool = True):
         super().__init__()
         self.norm = nn.LayerNorm(embed_dim)
+        self.center = nn.BatchNorm1d(embed_dim, affine=False) if batch_norm else None
         self.ordinal = ordinal
         if ordinal:
             self.linear = nn.Linear(embed_dim, 1, bias=False)
@@ -38,7 +50,12 @@ class LabelHead(nn.Module):
         nn.init.trunc_normal_(self.linear.weight, std=0.02)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        logits = self.linear(self.norm(features.mean(dim=1)))
+        pooled = self.norm(features.mean(dim=1))  # [B, E]
+        if self.center is not None and self.training and pooled.shape[0] == 1:
+            pooled = F.batch_norm(pooled, self.center.running_mean, self.center.running_var, eps=self.center.eps)
+        elif self.center is not None:
+            pooled = self.center(pooled)
+        logits = self.linear(pooled)
         return logits + self.thresholds if self.ordinal else logits
 
 

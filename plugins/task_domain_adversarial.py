@@ -59,7 +59,8 @@ class DomainAdversarial(PretextTask):
         return reason
 
     def output_spec(self, info, run):
-        return OutputSpec("label", queries=1, options={"num_outputs": len(run)}, shared=True)
+        # A batch holds one dataset, so a batch norm in the head would erase the domain it must tell.
+        return OutputSpec("label", queries=1, options={"num_outputs": len(run), "batch_norm": False}, shared=True)
 
     def forward(self, ctx, batch, generator):
         image = batch["image"]  # [B, C, *S]
