@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,10 +13,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from medformer_core.api.data import DatasetInfo
 from medformer_core.api.datasets import resolve_dataset
+from medformer_core.api.errors import CheckpointError
 from medformer_core.api.interfaces import View
 from medformer_core.api.plugins import registries
 from medformer_core.downstream.finetune import (
@@ -23,6 +25,7 @@ from medformer_core.downstream.finetune import (
     Finetuner,
     WeightEMA,
     epoch_sampler,
+    load_finetuned,
     mixup,
     read_finetune_config,
 )
@@ -201,6 +204,17 @@ def test_validation_and_the_saved_model_use_the_ema_weights(tmp_path, encoder):
     assert results["best_epoch"] == 1 and state["best"]["epoch"] == 1
     assert all(torch.equal(saved[k], state["ema"][k]) for k in saved)
     assert not all(torch.equal(saved[k], live[k]) for k in saved)  # the EMA, not the trained weights
+
+
+def test_weights_that_do_not_fit_the_model_name_a_missing_key(tmp_path, uninterrupted):
+    factory, options = resolve_dataset(DATASET, labeled=True)
+    info = factory.build("train", options).info
+    shutil.copytree(uninterrupted, tmp_path / "run")
+    weights = load_file(str(tmp_path / "run" / "model.safetensors"))
+    key = next(k for k in weights if k.endswith("head.center.running_mean"))  # e.g. from before the head's batch norm
+    save_file({k: v for k, v in weights.items() if k != key}, str(tmp_path / "run" / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=f"it lacks {key}"):
+        load_finetuned(tmp_path / "run", info)
 
 
 # mixup and label smoothing

@@ -427,9 +427,13 @@ def load_finetuned(run_dir: Path, info, config: FinetuneConfig | None = None) ->
     model = build_finetune_model(config, info)
     weights = run_dir / WEIGHTS_FILE
     try:
-        load_model(model, str(weights))
+        missing, unexpected = (sorted(keys) for keys in load_model(model, str(weights), strict=False))
     except Exception as exc:
         raise CheckpointError(f"cannot load {weights}: {exc}".splitlines()[0]) from None
+    if missing or unexpected:
+        what = f"it lacks {missing[0]}" if missing else f"it holds {unexpected[0]}, which this model lacks"
+        raise CheckpointError(f"cannot load {weights}: {what}",
+                              hint="it was fine-tuned by another medformer version: fine-tune again")
     return model
 
 
