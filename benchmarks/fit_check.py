@@ -4,10 +4,10 @@ entropy, and the gradient that reaches the encoder.
 
     python benchmarks/fit_check.py --dataset adrenalmnist3d --data-root ../shared/data/medmnist
     python benchmarks/fit_check.py --dataset adrenalmnist3d --data-root ../shared/data/medmnist \
-        --no-head-batch-norm
+        --head-batch-norm
 
 AdamW (lr 1e-3, weight decay 0.05), 10 warmup steps then cosine, the `supervised` task's loss.
-`--no-head-batch-norm` removes the label head's batch norm, to show what it is for. Prints one JSON
+`--head-batch-norm` adds the label head's batch norm (`medformer finetune --head-batch-norm`). Prints one JSON
 line: the prior's entropy, the loss at the first step and every 10th, the median of the last 5, and
 the encoder's gradient norm at steps 0, 10 and the last.
 """
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--no-head-batch-norm", action="store_true")
+    parser.add_argument("--head-batch-norm", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     try:
@@ -66,10 +66,8 @@ def main(argv: list[str] | None = None) -> None:
     info = train.info
     batch = {**train.batch(range(min(args.samples, len(train)))), "dataset": info.name}
     torch.manual_seed(0)
-    model = build_model(args.model, [info], [registries().tasks.get("supervised")])
-    if args.no_head_batch_norm:
-        for output in model.outputs["supervised"].values():
-            output.head.center = None
+    task = registries().tasks.get("supervised").with_options(batch_norm=args.head_batch_norm)
+    model = build_model(args.model, [info], [task])
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
     schedule = warmup_cosine(optimizer, 10, args.steps)
     generator = torch.Generator().manual_seed(0)
@@ -85,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
         losses.append(loss.item())
     print(json.dumps({
         "dataset": info.name, "model": args.model, "samples": len(batch["label"]), "steps": args.steps,
-        "head_batch_norm": not args.no_head_batch_norm,
+        "head_batch_norm": args.head_batch_norm,
         "prior_entropy": round(prior_entropy(batch["label"].numpy(), info.task, info.num_classes), 4),
         "loss_every_10": [round(v, 4) for v in losses[::10]], "final_loss": round(float(np.median(losses[-5:])), 4),
         "encoder_gradient": gradients,

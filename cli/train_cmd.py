@@ -143,6 +143,9 @@ def finetune(
     eval_every: int = typer.Option(None, min=1, help="Epochs between validations (default: about 20 per run)."),
     label_smoothing: float = typer.Option(None,
                                           help="Label smoothing of the supervised targets, e.g. 0.1 (default 0: off)."),
+    head_batch_norm: bool = typer.Option(None, "--head-batch-norm/--no-head-batch-norm",
+                                         help="Batch-normalise the pooled feature before the classifier "
+                                              "(default: off)."),
     ema: float = typer.Option(None, help="EMA decay of the weights, e.g. 0.999; "
                                          "validation and the saved model use the EMA (default 0: off)."),
     mixup: float = typer.Option(None, help="Mixup alpha, e.g. 0.2 (default 0: off)."),
@@ -165,7 +168,8 @@ def finetune(
         "dataset": dataset, "task": task, "source": source, "linear_probe": linear_probe or None,
         "label_fraction": label_fraction,
         "epochs": epochs, "batch_size": batch_size, "lr": lr, "layer_decay": layer_decay, "eval_every": eval_every,
-        "label_smoothing": label_smoothing, "ema": ema, "mixup": mixup, "model": model,
+        "label_smoothing": label_smoothing, "head_batch_norm": head_batch_norm, "ema": ema, "mixup": mixup,
+        "model": model,
         "model_options": _toml_values(split_pairs(model_option, "--model-option", "--model-option depth=2")) or None,
         "data_root": str(data_root) if data_root else None, "seed": seed, "device": device, "tensorboard": tensorboard,
     }

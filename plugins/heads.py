@@ -1,7 +1,7 @@
 """Output heads `label`, `dense`, `segment` and `embedding`: small maps from query features [B, Q, E].
 
-- label:     pools the queries, then LayerNorm, BatchNorm (no affine; `batch_norm=False` leaves it
-             out) + Linear -> logits [B, num_outputs]. With `ordinal=True` it is a CORAL head (Cao et al., 2020): one
+- label:     pools the queries, then LayerNorm (+ BatchNorm without affine with `batch_norm=True`)
+             + Linear -> logits [B, num_outputs]. With `ordinal=True` it is a CORAL head (Cao et al., 2020): one
              shared weight vector and num_outputs ordered biases -> cumulative logits
              [B, num_outputs], logit k for P(y > k).
 - dense:     per query LayerNorm + Linear -> the pixels of its patch [B, Q, channels * prod(patch)].
@@ -26,17 +26,17 @@ from medformer_core.model.patches import unpatchify
 class LabelHead(nn.Module):
     """features [B, Q, E] -> logits [B, num_outputs] (cumulative logits when ordinal).
 
-    The pooled feature is centred and scaled across the batch before the linear map (as MAE's linear
-    probe does). Medical images of one set share most of their content (empty background, the same
-    anatomy), so at first what an image adds to the pooled feature is about 1% of it; without the
-    BatchNorm the classifier learns the label prior from the shared part and the gradient that reaches
-    the encoder vanishes (the model never leaves the prior's loss). The BatchNorm gives the classifier
-    only what differs between images. A training batch of one image is normalised with the running
-    statistics. A task that decodes batches sharing their label (the dataset a batch comes from, the
-    axis of a group of slices) passes `batch_norm=False`: centring over the batch would erase it.
+    With `batch_norm=True` the pooled feature is centred and scaled across the batch before the
+    linear map (as MAE's linear probe does). Medical images of one set share most of their content
+    (empty background, the same anatomy), so at first what an image adds to the pooled feature is
+    about 1% of it; full-batch, without augmentation, the classifier then learns the label prior from
+    the shared part and the gradient into the encoder vanishes. The batch norm gives the classifier
+    only what differs between images (docs/model.md has what it does to fine-tuning). A training
+    batch of one image is normalised with the running statistics. Leave it off for a task that
+    decodes batches sharing their label (one dataset per batch): centring would erase that label.
     """
 
-    def __init__(self, embed_dim: int, num_outputs: int, ordinal: bool = False, batch_norm: bool = True):
+    def __init__(self, embed_dim: int, num_outputs: int, ordinal: bool = False, batch_norm: bool = False):
         super().__init__()
         self.norm = nn.LayerNorm(embed_dim)
         self.center = nn.BatchNorm1d(embed_dim, affine=False) if batch_norm else None

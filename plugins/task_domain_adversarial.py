@@ -59,8 +59,7 @@ class DomainAdversarial(PretextTask):
         return reason
 
     def output_spec(self, info, run):
-        # A batch holds one dataset, so a batch norm in the head would erase the domain it must tell.
-        return OutputSpec("label", queries=1, options={"num_outputs": len(run), "batch_norm": False}, shared=True)
+        return OutputSpec("label", queries=1, options={"num_outputs": len(run)}, shared=True)
 
     def forward(self, ctx, batch, generator):
         image = batch["image"]  # [B, C, *S]

@@ -44,8 +44,7 @@ class SlicePosition(PretextTask):
         return [InputSpec(2, info.channels, tuple(info.size[1:]))]
 
     def output_spec(self, info, run):
-        # Slices are decoded per axis, so a batch norm in the head would erase the axis it must tell.
-        return OutputSpec("label", queries=1, options={"num_outputs": AXES + 1, "batch_norm": False})
+        return OutputSpec("label", queries=1, options={"num_outputs": AXES + 1})
 
     def draw(self, volume: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
         """-> axis [B] in {0, 1, 2}, slice index [B], relative position [B] in [0, 1]."""

@@ -54,6 +54,7 @@ def soft_targets(kind: str, labels: torch.Tensor, width: int) -> torch.Tensor:
 @dataclass(frozen=True)
 class SupervisedOptions:
     label_smoothing: float = 0.0  # eps: toward uniform classes (CE) or toward 0.5 (BCE types); 0: off
+    batch_norm: bool = False  # the label head's batch norm (see plugins/heads.py)
 
     def __post_init__(self):
         if not 0.0 <= self.label_smoothing < 1.0:
@@ -77,8 +78,10 @@ class Supervised(PretextTask):
 
     def output_spec(self, info, run):
         if info.task == ORDINAL:
-            return OutputSpec("label", queries=1, options={"num_outputs": info.num_classes - 1, "ordinal": True})
-        return OutputSpec("label", queries=1, options={"num_outputs": info.num_classes})
+            return OutputSpec("label", queries=1, options={"num_outputs": info.num_classes - 1, "ordinal": True,
+                                                           "batch_norm": self.options.batch_norm})
+        return OutputSpec("label", queries=1,
+                          options={"num_outputs": info.num_classes, "batch_norm": self.options.batch_norm})
 
     def make_view(self, ctx, batch, generator):
         return View(batch["image"], target=(batch["label"], batch.get("mixup")))  # label: [B, L]

@@ -24,6 +24,7 @@ from medformer_core.downstream.finetune import (
     FinetuneConfig,
     Finetuner,
     WeightEMA,
+    build_finetune_model,
     epoch_sampler,
     load_finetuned,
     mixup,
@@ -211,10 +212,19 @@ def test_weights_that_do_not_fit_the_model_name_a_missing_key(tmp_path, uninterr
     info = factory.build("train", options).info
     shutil.copytree(uninterrupted, tmp_path / "run")
     weights = load_file(str(tmp_path / "run" / "model.safetensors"))
-    key = next(k for k in weights if k.endswith("head.center.running_mean"))  # e.g. from before the head's batch norm
+    key = next(k for k in weights if k.endswith("head.linear.weight"))  # as from a model built otherwise
     save_file({k: v for k, v in weights.items() if k != key}, str(tmp_path / "run" / "model.safetensors"))
     with pytest.raises(CheckpointError, match=f"it lacks {key}"):
         load_finetuned(tmp_path / "run", info)
+
+
+def test_head_batch_norm_reaches_the_label_head():
+    factory, options = resolve_dataset(DATASET, labeled=True)
+    info = factory.build("train", options).info
+    head = lambda **flags: build_finetune_model(FinetuneConfig(dataset=DATASET, **flags), info).outputs[  # noqa: E731
+        "supervised"][info.name].head
+    assert head().center is None
+    assert isinstance(head(head_batch_norm=True).center, torch.nn.BatchNorm1d)
 
 
 # mixup and label smoothing

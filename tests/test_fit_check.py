@@ -23,12 +23,12 @@ def test_prior_entropy_per_task_type():
         math.log(2) / 2, abs=1e-6)
 
 
-@pytest.mark.parametrize("flags", [[], ["--no-head-batch-norm"]])
+@pytest.mark.parametrize("flags", [[], ["--head-batch-norm"]])
 def test_a_short_run_prints_the_losses_and_the_encoder_gradient(flags, tmp_path, write_npz, capsys):
     write_npz(tmp_path, "breastmnist")
     main(["--dataset", "breastmnist", "--data-root", str(tmp_path), "--samples", "8", "--steps", "3", *flags])
     line = json.loads(capsys.readouterr().out)
-    assert line["samples"] == 8 and line["head_batch_norm"] == (not flags)
+    assert line["samples"] == 8 and line["head_batch_norm"] == bool(flags)
     assert 0 < line["prior_entropy"] <= math.log(2) and math.isfinite(line["final_loss"])
     assert set(line["encoder_gradient"]) == {"0", "2"} and line["encoder_gradient"]["0"] > 0
 

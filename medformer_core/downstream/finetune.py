@@ -75,6 +75,7 @@ class FinetuneConfig:
     augment: bool = True
     eval_every: int | None = None  # epochs between val evaluations; default: about 20 over the run
     label_smoothing: float = 0.0  # of the supervised targets (see plugins/task_supervised.py); 0: off
+    head_batch_norm: bool = False  # a batch norm before the classifier (see plugins/heads.py)
     ema: float = 0.0  # decay of an EMA of the weights, validated and saved instead of them; 0: off
     mixup: float = 0.0  # mixup alpha: pairs mixed with weight ~ Beta(alpha, alpha); 0: off
     tensorboard: bool = False
@@ -146,8 +147,8 @@ def task_for(config: FinetuneConfig, info) -> str:
     if name == "segmentation" and not info.has_masks:
         raise UsageError(f"dataset '{info.name}' has no segmentation masks",
                          hint="choose a dataset with masks, e.g. phantoms3d or an MSD folder (imagesTr/labelsTr)")
-    if name == "segmentation" and (config.mixup or config.label_smoothing):
-        raise UsageError("--mixup and --label-smoothing apply to classification only",
+    if name == "segmentation" and (config.mixup or config.label_smoothing or config.head_batch_norm):
+        raise UsageError("--mixup, --label-smoothing and --head-batch-norm apply to classification only",
                          hint="drop them for --task segmentation")
     if name == "classification" and info.task == "none":
         raise UsageError(f"dataset '{info.name}' has no labels to fine-tune on",
@@ -160,7 +161,7 @@ def build_finetune_model(config: FinetuneConfig, info) -> MultitaskModel:
     """The model of `info`'s fine-tune task; with a source, its encoder is loaded (and frozen for a probe)."""
     task = registries().tasks.get(task_for(config, info))
     if task.name == SUPERVISED_TASK:
-        task = task.with_options(label_smoothing=config.label_smoothing)
+        task = task.with_options(label_smoothing=config.label_smoothing, batch_norm=config.head_batch_norm)
     if config.source is None:
         return build_model(config.model, [info], [task], **config.model_options)
     source = encoder_dir(config.source)
