@@ -1,9 +1,9 @@
 """Output heads `label`, `dense`, `segment` and `embedding`: small maps from query features [B, Q, E].
 
 - label:     pools the queries, then LayerNorm (+ BatchNorm without affine with `batch_norm=True`)
-             + Linear -> logits [B, num_outputs]. With `ordinal=True` it is a CORAL head (Cao et al., 2020): one
-             shared weight vector and num_outputs ordered biases -> cumulative logits
-             [B, num_outputs], logit k for P(y > k).
+             + Linear -> logits [B, num_outputs]. With `ordinal=True` it is a CORAL head (Cao et
+             al., 2020): one shared weight vector and num_outputs ordered biases -> cumulative
+             logits [B, num_outputs], logit k for P(y > k).
 - dense:     per query LayerNorm + Linear -> the pixels of its patch [B, Q, channels * prod(patch)].
 - segment:   per query LayerNorm + Linear -> `hidden` features per voxel of its patch (the
              upsampling), unpatchified; a residual 3x3(x3) convolution over them and the
@@ -51,7 +51,7 @@ class LabelHead(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         pooled = self.norm(features.mean(dim=1))  # [B, E]
-        if self.center is not None and self.training and pooled.shape[0] == 1:
+        if self.center is not None and self.training and pooled.shape[0] == 1:  # no batch statistics of one
             pooled = F.batch_norm(pooled, self.center.running_mean, self.center.running_var, eps=self.center.eps)
         elif self.center is not None:
             pooled = self.center(pooled)

@@ -32,6 +32,7 @@ from medformer_core.downstream.finetune import (
 )
 from medformer_core.engine.builders import build_model
 from medformer_core.model.medformer import ModelConfig
+from medformer_plugins.heads import LabelHead
 
 DATASET = "phantoms2d:size=16,count=40"  # train 40 (2 batches of 20), val 10, test 10
 # 3 epochs of 2 steps, a validation (and a checkpoint) after each epoch, every option that has state.
@@ -225,6 +226,14 @@ def test_head_batch_norm_reaches_the_label_head():
         "supervised"][info.name].head
     assert head().center is None
     assert isinstance(head(head_batch_norm=True).center, torch.nn.BatchNorm1d)
+
+
+def test_the_head_batch_norm_takes_a_batch_of_one_with_its_running_statistics():
+    head = LabelHead(8, 3, batch_norm=True).train()
+    head(torch.randn(4, 2, 8))  # features [B, Q, E]: updates the running statistics
+    one = torch.randn(1, 2, 8)
+    trained = head(one)
+    assert torch.allclose(trained, head.eval()(one))
 
 
 # mixup and label smoothing

@@ -139,7 +139,8 @@ class OutputSpec:
 
     head:    a registered output head; it decides what `ctx.decode` returns (the task's
              `prediction`). Built-ins: "label" -> logits [B, num_outputs] (queries pooled;
-             batch_norm=True batch-normalises them; with ordinal=True, CORAL cumulative logits), "dense" -> pixels [B, Q, C * prod(patch)],
+             batch_norm=True batch-normalises them; with ordinal=True, CORAL cumulative
+             logits), "dense" -> pixels [B, Q, C * prod(patch)],
              "embedding" -> [B, out_dim] (queries pooled, then a projection MLP).
     queries: the number of learned queries (1 for a label or an embedding), or "patches": one
              query per patch of the dataset's grid, built from the position embeddings (dense
