@@ -77,11 +77,10 @@ class Supervised(PretextTask):
         return reason
 
     def output_spec(self, info, run):
+        options = {"num_outputs": info.num_classes, "batch_norm": self.options.batch_norm}
         if info.task == ORDINAL:
-            return OutputSpec("label", queries=1, options={"num_outputs": info.num_classes - 1, "ordinal": True,
-                                                           "batch_norm": self.options.batch_norm})
-        return OutputSpec("label", queries=1,
-                          options={"num_outputs": info.num_classes, "batch_norm": self.options.batch_norm})
+            options.update(num_outputs=info.num_classes - 1, ordinal=True)
+        return OutputSpec("label", queries=1, options=options)
 
     def make_view(self, ctx, batch, generator):
         return View(batch["image"], target=(batch["label"], batch.get("mixup")))  # label: [B, L]

@@ -62,7 +62,7 @@ def test_a_small_medformer_memorises_64_randomly_labeled_images(spatial_dims, va
 
 def shared_anatomy(spatial_dims: int, size: int, count: int) -> torch.Tensor:
     """count images [count, 1, *S]: the same centred ball (0.5) in each, plus one 3^dims cube (1.0) at
-    a seeded random place: what tells them apart is under 1% of the voxels."""
+    a seeded random place: what tells them apart is about 1% of the pixels or voxels."""
     grid = torch.stack(torch.meshgrid(*[torch.arange(size)] * spatial_dims, indexing="ij")).float()
     ball = (grid - size / 2).square().sum(0).sqrt() < size / 4  # [*S]
     images = torch.zeros(count, 1, *(size,) * spatial_dims)
