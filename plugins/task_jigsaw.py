@@ -76,7 +76,8 @@ class Jigsaw(PretextTask):
         return torch.from_numpy(maximal_hamming_permutations(tiles, self.options.permutations)).to(device)
 
     def output_spec(self, info, run):
-        return OutputSpec("label", queries=1, options={"num_outputs": self.options.permutations})
+        # Batch norm in the head, as in rotation: each sample draws its own permutation.
+        return OutputSpec("label", queries=1, options={"num_outputs": self.options.permutations, "batch_norm": True})
 
     def make_view(self, ctx, batch, generator):
         image = batch["image"]  # [B, C, *S]

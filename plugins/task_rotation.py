@@ -70,7 +70,10 @@ class Rotation(PretextTask):
         return 4 if spatial_dims == 2 else len(CUBE_ROTATIONS)
 
     def output_spec(self, info, run):
-        return OutputSpec("label", queries=1, options={"num_outputs": self.num_classes(info.spatial_dims)})
+        # Batch norm in the head: without it the classifier settles on the uniform prior (see heads.py).
+        # Each sample draws its own rotation, so a batch mixes the classes.
+        options = {"num_outputs": self.num_classes(info.spatial_dims), "batch_norm": True}
+        return OutputSpec("label", queries=1, options=options)
 
     def make_view(self, ctx, batch, generator):
         image = batch["image"]  # [B, C, *S]
