@@ -23,6 +23,15 @@ from medformer_core import OutputHead, hookimpl
 from medformer_core.model.patches import unpatchify
 
 
+class BatchNorm(nn.BatchNorm1d):
+    """BatchNorm1d over [B, E] that normalises a training batch of one with the running statistics."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.shape[0] == 1:  # no batch statistics of one
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, eps=self.eps)
+        return super().forward(x)
+
+
 class LabelHead(nn.Module):
     """features [B, Q, E] -> logits [B, num_outputs] (cumulative logits when ordinal).
 
@@ -39,7 +48,7 @@ class LabelHead(nn.Module):
     def __init__(self, embed_dim: int, num_outputs: int, ordinal: bool = False, batch_norm: bool = False):
         super().__init__()
         self.norm = nn.LayerNorm(embed_dim)
-        self.center = nn.BatchNorm1d(embed_dim, affine=False) if batch_norm else None
+        self.center = BatchNorm(embed_dim, affine=False) if batch_norm else None
         self.ordinal = ordinal
         if ordinal:
             self.linear = nn.Linear(embed_dim, 1, bias=False)
@@ -51,9 +60,7 @@ class LabelHead(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         pooled = self.norm(features.mean(dim=1))  # [B, E]
-        if self.center is not None and self.training and pooled.shape[0] == 1:  # no batch statistics of one
-            pooled = F.batch_norm(pooled, self.center.running_mean, self.center.running_var, eps=self.center.eps)
-        elif self.center is not None:
+        if self.center is not None:
             pooled = self.center(pooled)
         logits = self.linear(pooled)
         return logits + self.thresholds if self.ordinal else logits
@@ -106,13 +113,18 @@ class SegmentHead(nn.Module):
 
 
 class EmbeddingHead(nn.Module):
-    """features [B, Q, E] -> embedding [B, out_dim] (Linear -> GELU -> Linear on the pooled query)."""
+    """features [B, Q, E] -> embedding [B, out_dim] (Linear -> GELU -> Linear on the pooled query).
 
-    def __init__(self, embed_dim: int, out_dim: int = 128, hidden_dim: int | None = None):
+    With `batch_norm=True` a BatchNorm follows the first Linear, as in SimCLR's projection head:
+    it lets the embedding tell apart images that share most of their content (see LabelHead).
+    """
+
+    def __init__(self, embed_dim: int, out_dim: int = 128, hidden_dim: int | None = None, batch_norm: bool = False):
         super().__init__()
         hidden = hidden_dim or embed_dim
         self.norm = nn.LayerNorm(embed_dim)
-        self.mlp = nn.Sequential(nn.Linear(embed_dim, hidden), nn.GELU(), nn.Linear(hidden, out_dim))
+        middle = [BatchNorm(hidden)] if batch_norm else []
+        self.mlp = nn.Sequential(nn.Linear(embed_dim, hidden), *middle, nn.GELU(), nn.Linear(hidden, out_dim))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.mlp(self.norm(features.mean(dim=1)))

@@ -55,7 +55,10 @@ class Contrastive(PretextTask):
         return self._augments[spatial_dims]
 
     def output_spec(self, info, run):
-        return OutputSpec("embedding", queries=1, options={"out_dim": self.options.projection_dim})
+        # The projection's batch norm (SimCLR's): without it the embeddings of a set's images start
+        # almost equal, and the loss stays at its chance value for hundreds of steps.
+        options = {"out_dim": self.options.projection_dim, "batch_norm": True}
+        return OutputSpec("embedding", queries=1, options=options)
 
     def make_view(self, ctx, batch, generator):
         image = batch["image"]  # [B, C, *S]
