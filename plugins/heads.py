@@ -9,7 +9,8 @@
              upsampling), unpatchified; a residual 3x3(x3) convolution over them and the
              instance-normalised input image (a skip that sharpens boundaries), then a per-voxel
              Linear -> class logits [B, num_classes, *S].
-- embedding: pools the queries, then a SimCLR projection MLP -> [B, out_dim].
+- embedding: pools the queries, then a SimCLR projection MLP (+ BatchNorm after its first Linear with
+             `batch_norm=True`) -> [B, out_dim].
 """
 
 import inspect

@@ -17,6 +17,7 @@ from medformer_core import OutputSpec, PretextTask, TaskResult, View, classifica
 class ContrastiveOptions:
     temperature: float = 0.2
     projection_dim: int = 128
+    batch_norm: bool = False  # SimCLR's batch norm after the projection's first Linear (plugins/heads.py)
 
     def __post_init__(self):
         if self.temperature <= 0:
@@ -55,9 +56,7 @@ class Contrastive(PretextTask):
         return self._augments[spatial_dims]
 
     def output_spec(self, info, run):
-        # The projection's batch norm (SimCLR's): without it the embeddings of a set's images start
-        # almost equal, and the loss stays at its chance value for hundreds of steps.
-        options = {"out_dim": self.options.projection_dim, "batch_norm": True}
+        options = {"out_dim": self.options.projection_dim, "batch_norm": self.options.batch_norm}
         return OutputSpec("embedding", queries=1, options=options)
 
     def make_view(self, ctx, batch, generator):

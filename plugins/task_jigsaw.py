@@ -28,6 +28,7 @@ PERMUTATION_SEED = 0
 @dataclass(frozen=True)
 class JigsawOptions:
     permutations: int = 100
+    batch_norm: bool = False  # a batch norm in the label head (plugins/heads.py); each sample draws its permutation
 
     def __post_init__(self):
         if not 2 <= self.permutations <= 1000:
@@ -76,8 +77,8 @@ class Jigsaw(PretextTask):
         return torch.from_numpy(maximal_hamming_permutations(tiles, self.options.permutations)).to(device)
 
     def output_spec(self, info, run):
-        # Batch norm in the head, as in rotation: each sample draws its own permutation.
-        return OutputSpec("label", queries=1, options={"num_outputs": self.options.permutations, "batch_norm": True})
+        options = {"num_outputs": self.options.permutations, "batch_norm": self.options.batch_norm}
+        return OutputSpec("label", queries=1, options=options)
 
     def make_view(self, ctx, batch, generator):
         image = batch["image"]  # [B, C, *S]

@@ -10,6 +10,7 @@ Rotations keep the shape only for square images and cubic volumes, so the task a
 """
 
 import itertools
+from dataclasses import dataclass
 
 import torch
 
@@ -53,10 +54,16 @@ def rotate(x: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
     return out
 
 
+@dataclass(frozen=True)
+class RotationOptions:
+    batch_norm: bool = False  # a batch norm in the label head (plugins/heads.py); each sample draws its rotation
+
+
 class Rotation(PretextTask):
     name = "rotation"
     description = "Predict the rotation applied: 4 quarter turns in 2D, the 24 cube rotations in 3D"
     spatial_dims = (2, 3)
+    Options = RotationOptions
 
     def reject_reason(self, info, run):
         reason = super().reject_reason(info, run)
@@ -70,9 +77,7 @@ class Rotation(PretextTask):
         return 4 if spatial_dims == 2 else len(CUBE_ROTATIONS)
 
     def output_spec(self, info, run):
-        # Batch norm in the head: without it the classifier settles on the uniform prior (see heads.py).
-        # Each sample draws its own rotation, so a batch mixes the classes.
-        options = {"num_outputs": self.num_classes(info.spatial_dims), "batch_norm": True}
+        options = {"num_outputs": self.num_classes(info.spatial_dims), "batch_norm": self.options.batch_norm}
         return OutputSpec("label", queries=1, options=options)
 
     def make_view(self, ctx, batch, generator):

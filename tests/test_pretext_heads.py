@@ -1,0 +1,107 @@
+"""Pretext tasks on images that share most of their content, as the images of one medical set do.
+
+With `batch_norm=true`, rotation and jigsaw classify with a batch norm in their label head, and
+contrastive projects through SimCLR's batch norm. Without it, on 64 images that are one shared
+off-centre ball plus a small cube each, rotation and jigsaw stay at chance (the classifier settles on
+the uniform prior, as the label head does in tests/test_model_fits.py), and the projections of
+different images start almost equal.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medformer_core.api.data import DatasetInfo
+from medformer_core.api.plugins import registries
+from medformer_core.engine.builders import build_model
+from medformer_core.engine.schedule import warmup_cosine
+from medformer_plugins.heads import EmbeddingHead
+
+SIZES = {2: 28, 3: 16}
+SAMPLES, STEPS = 64, 60
+
+
+def off_centre_anatomy(spatial_dims: int, size: int, count: int) -> torch.Tensor:
+    """count images [count, 1, *S]: the same ball (0.5), off centre along the first axis so that its
+    place tells the orientation, plus one 3^dims cube (1.0) at a seeded random place."""
+    grid = torch.stack(torch.meshgrid(*[torch.arange(size)] * spatial_dims, indexing="ij")).float()
+    centre = torch.tensor([size / 3] + [size / 2] * (spatial_dims - 1)).view(-1, *[1] * spatial_dims)
+    ball = (grid - centre).square().sum(0).sqrt() < size / 4  # [*S]
+    images = torch.zeros(count, 1, *(size,) * spatial_dims)
+    images[:, 0, ball] = 0.5
+    generator = torch.Generator().manual_seed(0)
+    for i in range(count):
+        corner = torch.randint(0, size - 3, (spatial_dims,), generator=generator).tolist()
+        images[(i, 0, *(slice(c, c + 3) for c in corner))] = 1.0
+    return images
+
+
+def pretext_losses(task_name: str, images: torch.Tensor, steps: int = STEPS) -> list[float]:
+    """Full-batch AdamW (warmup, cosine) of the `tiny` preset on `images` [N, 1, *S] with one pretext
+    task, its head's batch norm on."""
+    info = DatasetInfo("shared", images.ndim - 2, 1, tuple(images.shape[2:]))
+    generator = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    task = registries().tasks.get(task_name).with_options(batch_norm=True)
+    model = build_model("tiny", [info], [task])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    schedule = warmup_cosine(optimizer, 10, steps)
+    losses = []
+    for _ in range(steps):
+        loss = model({"image": images, "dataset": info.name}, generator)[task_name].loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("task_name", "spatial_dims", "classes"),
+                         [("rotation", 2, 4), ("rotation", 3, 24), ("jigsaw", 2, 100)])
+def test_pretext_classifiers_leave_chance_on_images_that_share_most_of_their_content(
+        task_name, spatial_dims, classes):
+    images = off_centre_anatomy(spatial_dims, SIZES[spatial_dims], SAMPLES)
+    losses = pretext_losses(task_name, images)
+    chance = math.log(classes)
+    assert sum(losses[-5:]) / 5 < 0.6 * chance, losses[::10]
+
+
+@pytest.mark.parametrize("task_name", ["rotation", "jigsaw", "contrastive"])
+def test_the_batch_norm_option_reaches_the_pretext_head(task_name):
+    info = DatasetInfo("shared", 2, 1, (12, 12))
+    task = registries().tasks.get(task_name)
+
+    def norms(options: dict) -> list[nn.Module]:
+        head = build_model("tiny", [info], [task.with_options(**options)]).outputs[task_name][info.name].head
+        return [m for m in head.modules() if isinstance(m, nn.BatchNorm1d)]
+
+    assert norms({}) == []
+    assert len(norms({"batch_norm": True})) == 1
+
+
+def mean_cosine_between_samples(embeddings: torch.Tensor) -> float:
+    """embeddings [B, D] -> the mean cosine similarity over pairs of different rows."""
+    z = F.normalize(embeddings, dim=1)
+    similarity = z @ z.t()  # [B, B]
+    n = len(z)
+    return ((similarity.sum() - similarity.diagonal().sum()) / (n * (n - 1))).item()
+
+
+def test_the_projection_batch_norm_spreads_the_embeddings_of_near_identical_images():
+    torch.manual_seed(0)
+    features = 3 * torch.randn(1, 1, 32) + 0.03 * torch.randn(16, 1, 32)  # [B, Q, E]: 1% differs
+    plain, normed = (EmbeddingHead(32, 16, batch_norm=flag).train() for flag in (False, True))
+    assert mean_cosine_between_samples(plain(features)) > 0.99
+    assert mean_cosine_between_samples(normed(features)) < 0.5
+
+
+def test_the_projection_batch_norm_takes_a_batch_of_one_with_its_running_statistics():
+    head = EmbeddingHead(8, 4, batch_norm=True).train()
+    head(torch.randn(4, 1, 8))  # features [B, Q, E]: updates the running statistics
+    one = torch.randn(1, 1, 8)
+    assert torch.allclose(head(one), head.eval()(one))
