@@ -89,6 +89,29 @@ def tiny_model(phantom_info):
     return model
 
 
+@pytest.fixture(scope="session")
+def train_full_batch():
+    """train_full_batch(model, batch, task_name, steps, generator): the task's loss at every step of
+    full-batch AdamW (lr 1e-3, weight decay 0.05, 10 warmup steps, cosine), as a fit check trains."""
+    from medformer_core.engine.schedule import warmup_cosine
+
+    def train(model: MultitaskModel, batch: dict, task_name: str, steps: int,
+              generator: torch.Generator) -> list[float]:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+        schedule = warmup_cosine(optimizer, 10, steps)
+        losses = []
+        for _ in range(steps):
+            loss = model(batch, generator)[task_name].loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            losses.append(loss.item())
+        return losses
+
+    return train
+
+
 # -- MedMNIST files ----------------------------------------------------------------------------------
 
 

@@ -17,7 +17,6 @@ import torch
 from medformer_core.api.data import DatasetInfo
 from medformer_core.api.plugins import registries
 from medformer_core.engine.builders import build_model
-from medformer_core.engine.schedule import warmup_cosine
 
 SMALL = dict(embed_dim=64, depth=2, heads=2, mlp_ratio=2.0, latents=16)
 FITTING = {"default": {}, "conv stems, pooled latents": dict(adapter2d="conv2d", adapter3d="conv3d", latent_pool=True)}
@@ -25,9 +24,9 @@ SIZES = {2: 28, 3: 16}
 SAMPLES, STEPS = 64, 150
 
 
-def memorise(images: torch.Tensor, steps: int = STEPS, small: bool = True, head_batch_norm: bool = False,
-             **overrides) -> list[float]:
-    """Full-batch AdamW (warmup, cosine) on `images` [N, 1, *S] with random binary labels; the loss of every step."""
+def memorise(train_full_batch, images: torch.Tensor, steps: int = STEPS, small: bool = True,
+             head_batch_norm: bool = False, **overrides) -> list[float]:
+    """Full-batch training on `images` [N, 1, *S] with random binary labels; the loss of every step."""
     info = DatasetInfo("memorise", images.ndim - 2, 1, tuple(images.shape[2:]), task="binary-class",
                        labels={0: "a", 1: "b"})
     generator = torch.Generator().manual_seed(0)
@@ -37,25 +36,16 @@ def memorise(images: torch.Tensor, steps: int = STEPS, small: bool = True, head_
     sizes = SMALL if small else {}  # small=False: the `tiny` preset as users get it
     task = registries().tasks.get("supervised").with_options(batch_norm=head_batch_norm)
     model = build_model("tiny", [info], [task], **{**sizes, **overrides})
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
-    schedule = warmup_cosine(optimizer, 10, steps)
-    losses = []
-    for _ in range(steps):
-        loss = model(batch, generator)["supervised"].loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
-    return losses
+    return train_full_batch(model, batch, "supervised", steps, generator)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", FITTING)
 @pytest.mark.parametrize("spatial_dims", [2, 3])
-def test_a_small_medformer_memorises_64_randomly_labeled_images(spatial_dims, variant, phantom_info, phantom_batch):
+def test_a_small_medformer_memorises_64_randomly_labeled_images(spatial_dims, variant, phantom_info, phantom_batch,
+                                                                 train_full_batch):
     phantoms = phantom_info(spatial_dims, size=SIZES[spatial_dims], count=SAMPLES)
-    losses = memorise(phantom_batch(phantoms, count=SAMPLES)["image"], **FITTING[variant])
+    losses = memorise(train_full_batch, phantom_batch(phantoms, count=SAMPLES)["image"], **FITTING[variant])
     assert losses[0] > 0.5  # it starts near the prior's entropy (0.69): the labels are not trivially fit
     assert max(losses[-5:]) < 0.05, losses[::10]
 
@@ -77,8 +67,8 @@ def shared_anatomy(spatial_dims: int, size: int, count: int) -> torch.Tensor:
 @pytest.mark.slow
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 def test_with_the_head_batch_norm_the_tiny_preset_memorises_images_that_share_most_of_their_content(
-        spatial_dims):
+        spatial_dims, train_full_batch):
     images = shared_anatomy(spatial_dims, SIZES[spatial_dims], SAMPLES)
-    losses = memorise(images, steps=40, small=False, head_batch_norm=True)
+    losses = memorise(train_full_batch, images, steps=40, small=False, head_batch_norm=True)
     assert losses[0] > 0.5
     assert max(losses[-5:]) < 0.2, losses[::10]

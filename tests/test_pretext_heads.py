@@ -17,7 +17,6 @@ from torch import nn
 from medformer_core.api.data import DatasetInfo
 from medformer_core.api.plugins import registries
 from medformer_core.engine.builders import build_model
-from medformer_core.engine.schedule import warmup_cosine
 from medformer_plugins.heads import EmbeddingHead
 
 SIZES = {2: 28, 3: 16}
@@ -39,34 +38,23 @@ def off_centre_anatomy(spatial_dims: int, size: int, count: int) -> torch.Tensor
     return images
 
 
-def pretext_losses(task_name: str, images: torch.Tensor, steps: int = STEPS) -> list[float]:
-    """Full-batch AdamW (warmup, cosine) of the `tiny` preset on `images` [N, 1, *S] with one pretext
-    task, its head's batch norm on."""
+def pretext_losses(train_full_batch, task_name: str, images: torch.Tensor) -> list[float]:
+    """Full-batch training of the `tiny` preset on `images` [N, 1, *S] with one pretext task, its
+    head's batch norm on; the loss of every step."""
     info = DatasetInfo("shared", images.ndim - 2, 1, tuple(images.shape[2:]))
-    generator = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
-    task = registries().tasks.get(task_name).with_options(batch_norm=True)
-    model = build_model("tiny", [info], [task])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
-    schedule = warmup_cosine(optimizer, 10, steps)
-    losses = []
-    for _ in range(steps):
-        loss = model({"image": images, "dataset": info.name}, generator)[task_name].loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
-    return losses
+    model = build_model("tiny", [info], [registries().tasks.get(task_name).with_options(batch_norm=True)])
+    batch = {"image": images, "dataset": info.name}
+    return train_full_batch(model, batch, task_name, STEPS, torch.Generator().manual_seed(0))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("task_name", "spatial_dims", "classes"),
                          [("rotation", 2, 4), ("rotation", 3, 24), ("jigsaw", 2, 100)])
 def test_pretext_classifiers_leave_chance_on_images_that_share_most_of_their_content(
-        task_name, spatial_dims, classes):
+        task_name, spatial_dims, classes, train_full_batch):
     images = off_centre_anatomy(spatial_dims, SIZES[spatial_dims], SAMPLES)
-    losses = pretext_losses(task_name, images)
+    losses = pretext_losses(train_full_batch, task_name, images)
     chance = math.log(classes)
     assert sum(losses[-5:]) / 5 < 0.6 * chance, losses[::10]
 
