@@ -90,6 +90,29 @@ def tiny_model(phantom_info):
 
 
 @pytest.fixture(scope="session")
+def shared_anatomy():
+    """shared_anatomy(spatial_dims, size, count, off_centre=False): count images [count, 1, *S] that
+    share most of their content, as the images of one medical set do: the same ball (0.5) in each,
+    centred or, with off_centre, a third of the way along the first axis (its place then tells the
+    orientation), plus one 3^dims cube (1.0) at a seeded random place, about 1% of the pixels or voxels."""
+
+    def images(spatial_dims: int, size: int, count: int, off_centre: bool = False) -> torch.Tensor:
+        grid = torch.stack(torch.meshgrid(*[torch.arange(size)] * spatial_dims, indexing="ij")).float()
+        first = size / 3 if off_centre else size / 2
+        centre = torch.tensor([first] + [size / 2] * (spatial_dims - 1)).view(-1, *[1] * spatial_dims)
+        ball = (grid - centre).square().sum(0).sqrt() < size / 4  # [*S]
+        out = torch.zeros(count, 1, *(size,) * spatial_dims)
+        out[:, 0, ball] = 0.5
+        generator = torch.Generator().manual_seed(0)
+        for i in range(count):
+            corner = torch.randint(0, size - 3, (spatial_dims,), generator=generator).tolist()
+            out[(i, 0, *(slice(c, c + 3) for c in corner))] = 1.0
+        return out
+
+    return images
+
+
+@pytest.fixture(scope="session")
 def train_full_batch():
     """train_full_batch(model, batch, task_name, steps, generator): the task's loss at every step of
     full-batch AdamW (lr 1e-3, weight decay 0.05, 10 warmup steps, cosine), as a fit check trains."""

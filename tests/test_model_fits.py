@@ -50,24 +50,10 @@ def test_a_small_medformer_memorises_64_randomly_labeled_images(spatial_dims, va
     assert max(losses[-5:]) < 0.05, losses[::10]
 
 
-def shared_anatomy(spatial_dims: int, size: int, count: int) -> torch.Tensor:
-    """count images [count, 1, *S]: the same centred ball (0.5) in each, plus one 3^dims cube (1.0) at
-    a seeded random place: what tells them apart is about 1% of the pixels or voxels."""
-    grid = torch.stack(torch.meshgrid(*[torch.arange(size)] * spatial_dims, indexing="ij")).float()
-    ball = (grid - size / 2).square().sum(0).sqrt() < size / 4  # [*S]
-    images = torch.zeros(count, 1, *(size,) * spatial_dims)
-    images[:, 0, ball] = 0.5
-    generator = torch.Generator().manual_seed(0)
-    for i in range(count):
-        corner = torch.randint(0, size - 3, (spatial_dims,), generator=generator).tolist()
-        images[(i, 0, *(slice(c, c + 3) for c in corner))] = 1.0
-    return images
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 def test_with_the_head_batch_norm_the_tiny_preset_memorises_images_that_share_most_of_their_content(
-        spatial_dims, train_full_batch):
+        spatial_dims, shared_anatomy, train_full_batch):
     images = shared_anatomy(spatial_dims, SIZES[spatial_dims], SAMPLES)
     losses = memorise(train_full_batch, images, steps=40, small=False, head_batch_norm=True)
     assert losses[0] > 0.5

@@ -23,21 +23,6 @@ SIZES = {2: 28, 3: 16}
 SAMPLES, STEPS = 64, 60
 
 
-def off_centre_anatomy(spatial_dims: int, size: int, count: int) -> torch.Tensor:
-    """count images [count, 1, *S]: the same ball (0.5), off centre along the first axis so that its
-    place tells the orientation, plus one 3^dims cube (1.0) at a seeded random place."""
-    grid = torch.stack(torch.meshgrid(*[torch.arange(size)] * spatial_dims, indexing="ij")).float()
-    centre = torch.tensor([size / 3] + [size / 2] * (spatial_dims - 1)).view(-1, *[1] * spatial_dims)
-    ball = (grid - centre).square().sum(0).sqrt() < size / 4  # [*S]
-    images = torch.zeros(count, 1, *(size,) * spatial_dims)
-    images[:, 0, ball] = 0.5
-    generator = torch.Generator().manual_seed(0)
-    for i in range(count):
-        corner = torch.randint(0, size - 3, (spatial_dims,), generator=generator).tolist()
-        images[(i, 0, *(slice(c, c + 3) for c in corner))] = 1.0
-    return images
-
-
 def pretext_losses(train_full_batch, task_name: str, images: torch.Tensor) -> list[float]:
     """Full-batch training of the `tiny` preset on `images` [N, 1, *S] with one pretext task, its
     head's batch norm on; the loss of every step."""
@@ -52,8 +37,8 @@ def pretext_losses(train_full_batch, task_name: str, images: torch.Tensor) -> li
 @pytest.mark.parametrize(("task_name", "spatial_dims", "classes"),
                          [("rotation", 2, 4), ("rotation", 3, 24), ("jigsaw", 2, 100)])
 def test_pretext_classifiers_leave_chance_on_images_that_share_most_of_their_content(
-        task_name, spatial_dims, classes, train_full_batch):
-    images = off_centre_anatomy(spatial_dims, SIZES[spatial_dims], SAMPLES)
+        task_name, spatial_dims, classes, shared_anatomy, train_full_batch):
+    images = shared_anatomy(spatial_dims, SIZES[spatial_dims], SAMPLES, off_centre=True)
     losses = pretext_losses(train_full_batch, task_name, images)
     chance = math.log(classes)
     assert sum(losses[-5:]) / 5 < 0.6 * chance, losses[::10]
