@@ -140,6 +140,10 @@ def finetune(
     layer_decay: float = typer.Option(None, min=0.0, max=1.0,
                                       help="Layer-wise LR decay from the head down; 1 turns it off "
                                            "(default 0.75 with --from, 1 from scratch)."),
+    head_epochs: int = typer.Option(None, min=0,
+                                    help="With --from: epochs that train the head alone on the frozen encoder "
+                                         "(at the linear probe's LR) before --epochs of the whole model "
+                                         "(default 0)."),
     eval_every: int = typer.Option(None, min=1, help="Epochs between validations (default: about 20 per run)."),
     label_smoothing: float = typer.Option(None,
                                           help="Label smoothing of the supervised targets, e.g. 0.1 (default 0: off)."),
@@ -167,7 +171,8 @@ def finetune(
     given = {
         "dataset": dataset, "task": task, "source": source, "linear_probe": linear_probe or None,
         "label_fraction": label_fraction,
-        "epochs": epochs, "batch_size": batch_size, "lr": lr, "layer_decay": layer_decay, "eval_every": eval_every,
+        "epochs": epochs, "batch_size": batch_size, "lr": lr, "layer_decay": layer_decay, "head_epochs": head_epochs,
+        "eval_every": eval_every,
         "label_smoothing": label_smoothing, "head_batch_norm": head_batch_norm, "ema": ema, "mixup": mixup,
         "model": model,
         "model_options": _toml_values(split_pairs(model_option, "--model-option", "--model-option depth=2")) or None,

@@ -9,7 +9,7 @@ from medformer_core.api.errors import CheckpointError, UsageError
 from medformer_core.engine.checkpoint import latest_checkpoint, load_checkpoint, mismatch_hint, save_checkpoint
 from medformer_core.engine.config import RunConfig, load_config, write_config
 from medformer_core.engine.loop import FirstLast, MetricWindow, step_losses
-from medformer_core.engine.schedule import warmup_cosine
+from medformer_core.engine.schedule import head_then_whole, warmup_cosine
 from medformer_core.engine.weighting import FixedWeighting, UncertaintyWeighting, make_weighting
 
 
@@ -132,6 +132,21 @@ def test_warmup_then_cosine():
     assert rates[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
     assert all(a >= b for a, b in zip(rates[3:], rates[4:]))
     assert rates[-1] == pytest.approx(0.1, abs=0.02)
+
+
+def test_head_phase_then_a_fresh_warmup_for_the_whole_model():
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = head_then_whole(optimizer, head_steps=10, head_scale=10.0, warmup_steps=4, total_steps=30)
+    rates = []
+    for _ in range(30):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates[0] == pytest.approx(10.0)  # one warmup step (a tenth of 10), at the head's scale
+    assert all(a >= b for a, b in zip(rates[:9], rates[1:10])) and rates[9] < 1.0
+    assert rates[10:14] == pytest.approx([0.25, 0.5, 0.75, 1.0])  # the whole model warms up afresh
+    assert all(a >= b for a, b in zip(rates[13:], rates[14:]))
+    assert rates[-1] == pytest.approx(0.01, abs=0.01)
 
 
 def test_metric_window_means_per_task_and_per_dataset():

@@ -1,4 +1,5 @@
-"""Fine-tuning on the training engine: data order, exact resume, EMA, mixup and label smoothing."""
+"""Fine-tuning on the training engine: data order, exact resume, head-only epochs (LP-FT), EMA, mixup
+and label smoothing."""
 
 import json
 import math
@@ -21,6 +22,7 @@ from medformer_core.api.errors import CheckpointError
 from medformer_core.api.interfaces import View
 from medformer_core.api.plugins import registries
 from medformer_core.downstream.finetune import (
+    PROBE_LR,
     FinetuneConfig,
     Finetuner,
     WeightEMA,
@@ -35,9 +37,10 @@ from medformer_core.model.medformer import ModelConfig
 from medformer_plugins.heads import LabelHead
 
 DATASET = "phantoms2d:size=16,count=40"  # train 40 (2 batches of 20), val 10, test 10
-# 3 epochs of 2 steps, a validation (and a checkpoint) after each epoch, every option that has state.
-RUN = ["--dataset", DATASET, "--epochs", "3", "--batch-size", "20", "--eval-every", "1", "--device", "cpu",
-       "--ema", "0.8", "--mixup", "0.4", "--label-smoothing", "0.1", "--quiet"]
+# 1 head-only epoch, then 3 epochs of the whole model, each of 2 steps; a validation (and a checkpoint)
+# after each epoch; every option that has state.
+RUN = ["--dataset", DATASET, "--head-epochs", "1", "--epochs", "3", "--batch-size", "20", "--eval-every", "1",
+       "--device", "cpu", "--ema", "0.8", "--mixup", "0.4", "--label-smoothing", "0.1", "--quiet"]
 
 
 @pytest.fixture(scope="module")
@@ -109,8 +112,8 @@ def test_ranks_read_disjoint_shards():
 @pytest.fixture(scope="module")
 def uninterrupted(encoder, tmp_path_factory):
     """The reference: RUN without interruption."""
-    config = FinetuneConfig(dataset=DATASET, source=encoder, epochs=3, batch_size=20, eval_every=1, device="cpu",
-                            ema=0.8, mixup=0.4, label_smoothing=0.1)
+    config = FinetuneConfig(dataset=DATASET, source=encoder, head_epochs=1, epochs=3, batch_size=20, eval_every=1,
+                            device="cpu", ema=0.8, mixup=0.4, label_smoothing=0.1)
     run = tmp_path_factory.mktemp("uninterrupted")
     Finetuner(config, run, quiet=True).run()
     return run
@@ -137,7 +140,8 @@ def test_a_killed_finetune_resumes_to_the_same_results(tmp_path, run_cli, encode
     env = {**os.environ, "KILL_AT_STEP": "4", "OMP_NUM_THREADS": str(torch.get_num_threads())}
     killed = subprocess.run([sys.executable, "-c", KILLED_RUN, "finetune", *RUN, "--from", encoder,
                              "--out", str(run)], env=env, capture_output=True, text=True, timeout=300)
-    # Killed after validating epoch 2, before its checkpoint: the last one is epoch 1's.
+    # Killed after validating epoch 2, before its checkpoint: the last one is epoch 1's, the head-only
+    # epoch, so the resumed run must unfreeze the encoder where the uninterrupted one did.
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000002"]
     assert not (run / "results.json").exists()
@@ -173,12 +177,42 @@ def test_a_pretrained_finetune_records_its_default_lr_and_layer_decay(uninterrup
 
 def test_a_finetune_writes_metrics_and_the_loss_plot(uninterrupted):
     found = records(uninterrupted)
-    assert [r["step"] for r in found if "losses" in r] == [2, 4, 6]  # one train record per epoch
-    assert [r["epoch"] for r in found if "val" in r] == [1, 2, 3]
+    assert [r["step"] for r in found if "losses" in r] == [2, 4, 6, 8]  # one train record per epoch
+    assert [r["epoch"] for r in found if "val" in r] == [1, 2, 3, 4]
     results = json.loads((uninterrupted / "results.json").read_text())
     assert [h["val"] for h in results["history"]] == [r["val"] for r in found if "val" in r]
     assert results["val"] == results["history"][results["best_epoch"] - 1]["val"]
     assert (uninterrupted / "plots" / "losses.png").is_file()
+
+
+# head-only epochs (LP-FT)
+
+
+def test_head_epochs_train_the_head_alone_then_the_whole_model(tmp_path, encoder):
+    config = FinetuneConfig(dataset=DATASET, source=encoder, head_epochs=1, epochs=1, batch_size=20, eval_every=1,
+                            device="cpu")
+    finetuner = Finetuner(config, tmp_path, quiet=True)
+    results = finetuner.run()
+    factory, options = resolve_dataset(DATASET, labeled=True)
+    loaded = build_finetune_model(config, factory.build("train", options).info).state_dict()
+    after_head, after_whole = (load_file(str(tmp_path / "checkpoints" / f"step_00000{step}" / "model.safetensors"))
+                               for step in (2, 4))
+    encoder_keys = [k for k in loaded if k.startswith("encoder.")]
+    head_keys = [k for k in loaded if k.startswith("outputs.")]
+    assert encoder_keys and head_keys
+    assert all(torch.equal(after_head[k], loaded[k]) for k in encoder_keys)
+    assert not all(torch.equal(after_head[k], loaded[k]) for k in head_keys)
+    assert not all(torch.equal(after_whole[k], after_head[k]) for k in encoder_keys)
+    assert (results["head_epochs"], results["epochs"], len(results["history"])) == (1, 1, 2)
+    assert all(p.requires_grad for p in finetuner.model.parameters())
+
+
+def test_head_epochs_train_the_head_at_the_linear_probe_lr(tmp_path, encoder):
+    config = FinetuneConfig(dataset=DATASET, source=encoder, head_epochs=2, epochs=3, batch_size=20, device="cpu")
+    finetuner = Finetuner(config, tmp_path, quiet=True)
+    finetuner.setup()
+    assert max(group["lr"] for group in finetuner.optimizer.param_groups) == pytest.approx(PROBE_LR)
+    assert finetuner.total_steps == 2 * (2 + 3)
 
 
 # EMA
@@ -285,6 +319,8 @@ def test_label_smoothing_of_bce_targets_goes_toward_one_half():
     ("--label-smoothing", "1", "--label-smoothing must be in [0, 1), got 1.0 (0.1 is usual"),
     ("--ema", "1.5", "--ema must be in [0, 1), got 1.5 (a decay such as 0.999"),
     ("--mixup", "-0.2", "--mixup must be >= 0, got -0.2 (it is the Beta(alpha, alpha) parameter"),
+    ("--head-epochs", "2", "--head-epochs trains the head of a pretrained encoder alone before fine-tuning it "
+                           "(use it with --from and without --linear-probe)"),
 ])
 def test_bad_finetune_options_are_one_line_errors(tmp_path, run_cli, option, value, message):
     code, out, err = run_cli("finetune", "--dataset", DATASET, f"{option}={value}", "--out", str(tmp_path / "run"))

@@ -33,7 +33,7 @@ from medformer_core.engine.devices import resolve_device
 from medformer_core.engine.evaluation import medmnist_metrics, predict_split, segmentation_metrics
 from medformer_core.engine.loop import Engine, LoopSettings
 from medformer_core.engine.sampling import MultiDatasetSampler
-from medformer_core.engine.schedule import warmup_cosine
+from medformer_core.engine.schedule import head_then_whole, warmup_cosine
 from medformer_core.engine.weighting import make_weighting
 from medformer_core.model.medformer import ModelConfig, read_export_config
 from medformer_core.model.multitask import MultitaskModel
@@ -67,6 +67,8 @@ class FinetuneConfig:
     weight_decay: float = 0.05
     layer_decay: float | None = None  # LR factor per layer from the head down (MAE/BEiT); 1: off;
     # None: PRETRAINED_LAYER_DECAY when fine-tuning a pretrained encoder, else 1
+    head_epochs: int | None = None  # epochs that train the head alone at PROBE_LR (the encoder frozen)
+    # before the whole model trains for `epochs` (LP-FT); None: 0
     model: str = "tiny"  # used from scratch; a source brings its own architecture
     model_options: dict = field(default_factory=dict)  # overrides of the model, e.g. {"latent_pool": False}
     seed: int = 0
@@ -95,6 +97,11 @@ class FinetuneConfig:
         return PRETRAINED_LAYER_DECAY if self.mode == "finetune" else 1.0
 
     @property
+    def effective_head_epochs(self) -> int:
+        """The head-only epochs this run trains first: as given, else the default for its mode."""
+        return self.head_epochs if self.head_epochs is not None else 0
+
+    @property
     def mode(self) -> str:
         if self.source is None:
             return "scratch"
@@ -113,6 +120,11 @@ class FinetuneConfig:
         if self.linear_probe and self.source is None:
             raise UsageError("--linear-probe needs --from, a pretrained run or encoder",
                              hint="a linear probe of a random encoder measures nothing")
+        if self.head_epochs is not None and self.head_epochs < 0:
+            raise UsageError(f"--head-epochs must be >= 0, got {self.head_epochs}", hint="0 turns it off")
+        if self.head_epochs and self.mode != "finetune":
+            raise UsageError("--head-epochs trains the head of a pretrained encoder alone before fine-tuning it",
+                             hint="use it with --from and without --linear-probe")
         if self.eval_every is not None and self.eval_every < 1:
             raise UsageError(f"--eval-every must be >= 1 epoch, got {self.eval_every}",
                              hint="omit it for about 20 validations per run")
@@ -248,7 +260,8 @@ class Finetuner(Engine):
         self.train_split, self.val, self.test = self._load_splits()
         defaults = TASK_DEFAULTS[self.task_name]
         config = self.config = replace(config, **{k: v for k, v in defaults.items() if getattr(config, k) is None},
-                                       lr=config.effective_lr, layer_decay=config.effective_layer_decay)
+                                       lr=config.effective_lr, layer_decay=config.effective_layer_decay,
+                                       head_epochs=config.effective_head_epochs)
         info = self.train_split.info
         self.splits = {info.name: self.train_split}
         self.model = build_finetune_model(config, info).to(self.device)
@@ -258,15 +271,22 @@ class Finetuner(Engine):
         self.sampler = epoch_sampler(info.name, len(self.train_split), config.batch_size, config.seed,
                                      self.dist.rank, self.dist.world_size)
         self.steps_per_epoch = self.sampler.steps_per_epoch()
-        self.total_steps = self.steps_per_epoch * config.epochs
-        warmup = min(self.total_steps // 10, 5 * self.steps_per_epoch)
-        self.scheduler = warmup_cosine(self.optimizer, warmup, self.total_steps)
+        self.total_epochs = config.head_epochs + config.epochs
+        self.head_steps = self.steps_per_epoch * config.head_epochs
+        self.total_steps = self.steps_per_epoch * self.total_epochs
+        whole_steps = self.total_steps - self.head_steps
+        warmup = min(whole_steps // 10, 5 * self.steps_per_epoch)
+        if self.head_steps:
+            self.scheduler = head_then_whole(self.optimizer, self.head_steps, PROBE_LR / config.lr, warmup,
+                                             self.total_steps)
+        else:
+            self.scheduler = warmup_cosine(self.optimizer, warmup, self.total_steps)
         dims = info.spatial_dims
         if self.task_name == SEGMENTATION_TASK:  # intensity only: the masks keep their geometry
             self.augment = {dims: Augment(dims, flip_prob=0.0, rot90=False, crop_scale=None, blur_prob=0.0)}
         else:
             self.augment = {dims: Augment(dims, rot90=False, crop_scale=(0.8, 1.0), blur_prob=0.0)}
-        self.eval_every = config.eval_every or max(1, config.epochs // 20)
+        self.eval_every = config.eval_every or max(1, self.total_epochs // 20)
         self.settings = replace(self.settings, log_every=self.steps_per_epoch,
                                 checkpoint_every=self.steps_per_epoch * self.eval_every)
         self.ema = WeightEMA(self.model, config.ema) if config.ema else None
@@ -285,6 +305,11 @@ class Finetuner(Engine):
         super().train_mode()
         if self.config.linear_probe:
             self.model.encoder.eval()  # frozen features: no dropout or stochastic depth
+        elif self.head_steps:
+            head_only = self.step < self.head_steps
+            self.model.encoder.requires_grad_(not head_only)
+            if head_only:
+                self.model.encoder.eval()
 
     def prepare_batch(self, batch: dict) -> dict:
         """Augment, then mixup with a partner order and weight drawn from (seed, rank, step)."""
@@ -303,7 +328,7 @@ class Finetuner(Engine):
             return
         epoch = self.step // self.steps_per_epoch
         train_loss, self.epoch_loss = self.epoch_loss[0] / self.epoch_loss[1], [0.0, 0]
-        if epoch % self.eval_every == 0 or epoch == self.config.epochs:
+        if epoch % self.eval_every == 0 or epoch == self.total_epochs:
             self.validate(epoch, train_loss)
 
     def evaluate(self, model: MultitaskModel, split) -> dict:
@@ -360,7 +385,8 @@ class Finetuner(Engine):
         results = {
             "dataset": train.info.name, "task": task, "mode": config.mode, "source": config.source,
             "label_fraction": config.label_fraction, "train_samples": len(train), "seed": config.seed,
-            "epochs": config.epochs, "lr": config.lr, "layer_decay": config.layer_decay,
+            "epochs": config.epochs, "head_epochs": config.head_epochs, "lr": config.lr,
+            "layer_decay": config.layer_decay,
             "best_epoch": self.best["epoch"], "val": self.best["val"], "test": test_metrics,
             "seconds": self.seconds(), "history": self.history,
         }
