@@ -109,6 +109,9 @@ def pretrain(recipe: Recipe, datasets: list[str], data_root: Path, seed: int, ou
         if found.steps != recipe.pretrain_steps:
             sys.exit(f"error: {run_dir} holds a {found.steps}-step pretraining, not {recipe.pretrain_steps}; "
                      "pass another --work")
+        if sorted(found.plugins) != sorted(recipe.plugins):
+            sys.exit(f"error: {run_dir} was pretrained with tasks {', '.join(found.plugins)}, not "
+                     f"{', '.join(recipe.plugins)}; pass another --work")
         if found.model_options != dict(recipe.model_options):
             sys.exit(f"error: {run_dir} was pretrained with model options {found.model_options}, not "
                      f"{dict(recipe.model_options)}; pass another --work")
@@ -293,6 +296,9 @@ def main() -> None:
                              "recipe's; 'all': every one)")
     parser.add_argument("--pretrain-steps", type=int, default=None,
                         help="override the recipe's pretraining steps (use a fresh --work for it)")
+    parser.add_argument("--plugin", action="append", default=[], metavar="TASK",
+                        help="pretrain with these tasks instead of the recipe's (repeat), e.g. --plugin mae "
+                             "--plugin mae3d (use a fresh --work for it)")
     parser.add_argument("--model-option", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a field of the recipe's model preset, e.g. adapter3d=conv3d (repeat; use a "
                              "fresh --work for it)")
@@ -305,6 +311,8 @@ def main() -> None:
         except UsageError as exc:
             sys.exit(f"error: {exc}")
         recipe = replace(recipe, model_options=tuple(options.items()))
+    if args.plugin:
+        recipe = replace(recipe, plugins=tuple(args.plugin))
     if args.layer_decay is not None:
         recipe = replace(recipe, layer_decay=args.layer_decay)
     if args.pretrain_steps is not None:

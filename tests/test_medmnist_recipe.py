@@ -58,6 +58,10 @@ def test_smoke_recipe_writes_table_json_and_plot_and_resumes(tmp_path, fake_arra
     assert longer.returncode != 0
     assert "holds a 4-step pretraining, not 5" in longer.stderr and "--work" in longer.stderr
 
+    other_tasks = run_recipe(data_root, work, results, "--plugin", "mae")  # must not reuse a mae + mae3d encoder
+    assert other_tasks.returncode != 0
+    assert "pretrained with tasks mae, mae3d, not mae" in other_tasks.stderr and "--work" in other_tasks.stderr
+
     other_model = run_recipe(data_root, work, results, "--model-option", "latent_pool=true")
     assert other_model.returncode != 0
     assert "model options {}, not {'latent_pool': True}" in other_model.stderr and "--work" in other_model.stderr
