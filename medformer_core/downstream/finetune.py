@@ -67,8 +67,8 @@ class FinetuneConfig:
     weight_decay: float = 0.05
     layer_decay: float | None = None  # LR factor per layer from the head down (MAE/BEiT); 1: off;
     # None: PRETRAINED_LAYER_DECAY when fine-tuning a pretrained encoder, else 1
-    head_epochs: int | None = None  # epochs that train the head alone at PROBE_LR (the encoder frozen)
-    # before the whole model trains for `epochs` (LP-FT); None: 0
+    head_epochs: int = 0  # epochs that train the head alone at PROBE_LR (the encoder frozen) before
+    # the whole model trains for `epochs` (LP-FT); 0: off
     model: str = "tiny"  # used from scratch; a source brings its own architecture
     model_options: dict = field(default_factory=dict)  # overrides of the model, e.g. {"latent_pool": False}
     seed: int = 0
@@ -97,11 +97,6 @@ class FinetuneConfig:
         return PRETRAINED_LAYER_DECAY if self.mode == "finetune" else 1.0
 
     @property
-    def effective_head_epochs(self) -> int:
-        """The head-only epochs this run trains first: as given, else the default for its mode."""
-        return self.head_epochs if self.head_epochs is not None else 0
-
-    @property
     def mode(self) -> str:
         if self.source is None:
             return "scratch"
@@ -120,7 +115,7 @@ class FinetuneConfig:
         if self.linear_probe and self.source is None:
             raise UsageError("--linear-probe needs --from, a pretrained run or encoder",
                              hint="a linear probe of a random encoder measures nothing")
-        if self.head_epochs is not None and self.head_epochs < 0:
+        if self.head_epochs < 0:
             raise UsageError(f"--head-epochs must be >= 0, got {self.head_epochs}", hint="0 turns it off")
         if self.head_epochs and self.mode != "finetune":
             raise UsageError("--head-epochs trains the head of a pretrained encoder alone before fine-tuning it",
@@ -260,8 +255,7 @@ class Finetuner(Engine):
         self.train_split, self.val, self.test = self._load_splits()
         defaults = TASK_DEFAULTS[self.task_name]
         config = self.config = replace(config, **{k: v for k, v in defaults.items() if getattr(config, k) is None},
-                                       lr=config.effective_lr, layer_decay=config.effective_layer_decay,
-                                       head_epochs=config.effective_head_epochs)
+                                       lr=config.effective_lr, layer_decay=config.effective_layer_decay)
         info = self.train_split.info
         self.splits = {info.name: self.train_split}
         self.model = build_finetune_model(config, info).to(self.device)
