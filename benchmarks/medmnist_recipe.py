@@ -14,9 +14,11 @@ evaluated once per fine-tune run, on the epoch chosen on val. Results go to benc
 import argparse
 import json
 import math
+import multiprocessing
 import platform
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -27,7 +29,7 @@ from cnn_baselines import train_resnet
 from medformer_core.api.datasets import default_data_root
 from medformer_core.api.errors import UsageError
 from medformer_core.api.options import parse_options, split_pairs
-from medformer_core.downstream.finetune import PRETRAINED_LAYER_DECAY, FinetuneConfig, Finetuner
+from medformer_core.downstream.finetune import PRETRAINED_LAYER_DECAY, FinetuneConfig, Finetuner, read_finetune_config
 from medformer_core.engine.config import RunConfig, load_config
 from medformer_core.engine.trainer import Trainer
 from medformer_core.model.medformer import ModelConfig
@@ -53,6 +55,7 @@ class Recipe:
     fractions: tuple[float, ...] = (1.0, 0.1, 0.01)
     seeds: tuple[int, ...] = (0, 1, 2)
     pretrain_per_seed: bool = True  # False: one pretraining (seed 0) serves every fine-tune seed
+    jobs: int = 1  # runs trained at once, each with its share of the CPU threads
     layer_decay: float = PRETRAINED_LAYER_DECAY  # layer-wise LR decay when fine-tuning the pretrained encoder
     baseline_epochs: int = 0  # ResNet-18 beside every cell, MedMNIST protocol (100 epochs); 0: not run
     baseline_datasets: tuple[str, ...] = ()  # the datasets ResNet-18 runs on; empty: all
@@ -81,7 +84,8 @@ RECIPES = {
     "cpu": Recipe(pretrain_steps=2400, pretrain_batch=32, plugins=("mae", "mae3d", "rotation", "contrastive"),
                   model="tiny", epochs={1.0: 20, 0.1: 50, 0.01: 100}, batch_size=64, pretrain_per_seed=False,
                   baseline_epochs=100, baseline_datasets=("retinamnist",),
-                  baseline_fractions=(0.1, 0.01)),  # the ResNet-18 runs 2 cores afford: ~6 min a seed
+                  baseline_fractions=(0.1, 0.01),  # the ResNet-18 runs 2 cores afford: ~6 min a seed
+                  jobs=2),  # two 1-thread runs at once train ~20% more per minute than one 2-thread run
     "gpu": Recipe(pretrain_steps=20000, pretrain_batch=256,
                   plugins=("mae", "mae3d", "rotation", "contrastive", "restoration"),
                   model="small", epochs={1.0: 100, 0.1: 200, 0.01: 400}, batch_size=128, baseline_epochs=100),
@@ -142,17 +146,73 @@ def finetune(recipe: Recipe, dataset: str, mode: str, fraction: float, seed: int
     """One fine-tune, probe or from-scratch run at the mode's default learning rate; a finished run
     is reused. Fine-tune runs are named by their layer decay."""
     decay = recipe.layer_decay if mode == "finetune" else 1.0
+    epochs = recipe.epochs[fraction]
     config = FinetuneConfig(
         dataset=dataset, source=None if mode == "scratch" else str(source), linear_probe=mode == "linear-probe",
-        label_fraction=fraction, epochs=recipe.epochs[fraction], batch_size=recipe.batch_size, layer_decay=decay,
+        label_fraction=fraction, epochs=epochs, batch_size=recipe.batch_size, layer_decay=decay,
         model=recipe.model, model_options=dict(recipe.model_options), seed=seed, data_root=str(data_root),
         device=device,
     )
     suffix = "" if decay == 1.0 else f"-decay{decay:g}"
     run_dir = out / f"{dataset}-{mode}-{fraction:g}-seed{seed}{suffix}"
+    if (run_dir / "finetune.toml").is_file():
+        found = read_finetune_config(run_dir / "finetune.toml").epochs
+        if found != epochs:
+            sys.exit(f"error: {run_dir} holds a {found}-epoch run, not {epochs}; pass another --work")
     if (run_dir / "results.json").is_file():
         return json.loads((run_dir / "results.json").read_text())
     return Finetuner(config, run_dir, quiet=True, resume=(run_dir / "checkpoints").is_dir()).run()
+
+
+def run_all(recipe: Recipe, datasets: list[str], data_root: Path, work: Path, device: str, jobs: int,
+            start: float) -> tuple[list[dict], set[Path]]:
+    """Every pretraining and cell of the recipe, `jobs` runs at a time; finished runs are reused.
+    Returns the cells' results and the pretraining runs they used."""
+    pretrain_seeds = sorted({seed if recipe.pretrain_per_seed else 0 for seed in recipe.seeds})
+    free, needs_encoder = [], []  # cells as (dataset, mode, fraction, seed)
+    for seed in recipe.seeds:
+        for dataset in datasets:
+            for fraction in recipe.fractions:
+                for mode in MODES:
+                    (free if mode == "scratch" else needs_encoder).append((dataset, mode, fraction, seed))
+                if recipe.runs_baseline(dataset, fraction):
+                    free.append((dataset, BASELINE, fraction, seed))
+    arguments = (data_root, work, device)
+    if jobs == 1:
+        sources = {}
+        for seed in pretrain_seeds:
+            sources[seed] = pretrain(recipe, datasets, data_root, seed, work, device)
+            print(f"[{(time.perf_counter() - start) / 60:.1f} min] pretrained seed {seed}", flush=True)
+        results = []
+        for cell in free + needs_encoder:
+            results.append(run_cell(recipe, cell, sources, *arguments))
+            report(results[-1], start)
+        return results, set(sources.values())
+    threads = max(1, torch.get_num_threads() // jobs)
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+        pretrainings = {seed: pool.submit(pretrain, recipe, datasets, data_root, seed, work, device)
+                        for seed in pretrain_seeds}
+        cells = [pool.submit(run_cell, recipe, cell, {}, *arguments) for cell in free]
+        for future in cells:
+            future.add_done_callback(lambda f: f.exception() or report(f.result(), start))
+        sources = {seed: future.result() for seed, future in pretrainings.items()}
+        print(f"[{(time.perf_counter() - start) / 60:.1f} min] pretrained", flush=True)
+        for cell in needs_encoder:
+            cells.append(pool.submit(run_cell, recipe, cell, sources, *arguments))
+            cells[-1].add_done_callback(lambda f: f.exception() or report(f.result(), start))
+        return [future.result() for future in cells], set(sources.values())
+
+
+def run_cell(recipe: Recipe, cell: tuple, sources: dict[int, Path], data_root: Path, work: Path,
+             device: str) -> dict:
+    """One cell's run: ResNet-18, or a Medformer fine-tune, probe or from-scratch run."""
+    dataset, mode, fraction, seed = cell
+    if mode == BASELINE:
+        return train_resnet(dataset, fraction, seed, recipe.baseline_epochs, data_root,
+                            work / f"{dataset}-{BASELINE}-{fraction:g}-seed{seed}", device)
+    source = sources.get(seed if recipe.pretrain_per_seed else 0)
+    return finetune(recipe, dataset, mode, fraction, seed, source, data_root, work, device)
 
 
 def report(r: dict, start: float) -> None:
@@ -183,18 +243,20 @@ def selection_score(summary: dict) -> float:
 
 
 def markdown_table(summary: dict, datasets: list[str], recipe: Recipe, command: str, hardware: str,
-                   minutes: float) -> str:
+                   minutes: float, jobs: int = 1) -> str:
     lines = [
         "# MedMNIST: pretrained Medformer vs from scratch (test AUC / ACC, mean +- std over seeds)",
         "",
         f"Command: `{command}`  ",
         f"Recipe: `{recipe.model}` model{recipe.options_text()}, {recipe.pretrain_steps} pretraining steps of "
         f"{recipe.pretrain_batch} "
-        f"({', '.join(recipe.plugins)}), fine-tune layer decay {recipe.layer_decay:g}, ResNet-18 "
+        f"({', '.join(recipe.plugins)}), fine-tune epochs "
+        f"{', '.join(f'{recipe.epochs[f]} at {f:.0%}' for f in recipe.fractions)} labels, layer decay "
+        f"{recipe.layer_decay:g}, ResNet-18 "
         f"{recipe.baseline_text()}, seeds "
         f"{', '.join(map(str, recipe.seeds))}.  ",
-        f"Hardware: {hardware}; compute time {minutes:.0f} min (pretraining plus every fine-tune run, "
-        "as each run recorded it).",
+        f"Hardware: {hardware}; compute time {minutes:.0f} min (pretraining plus every run, as each run "
+        f"recorded it{f'; {jobs} runs at a time' if jobs > 1 else ''}).",
         "",
         "| dataset | labels | fine-tune (pretrained) | linear probe (pretrained) | from scratch "
         "| ResNet-18, this machine | published |",
@@ -282,6 +344,9 @@ def main() -> None:
     parser.add_argument("--work", default="runs/medmnist-benchmark", help="run directories (resumable)")
     parser.add_argument("--results", default=str(HERE / "results"))
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="runs trained at once, the CPU threads split between them (default: the recipe's; "
+                             "cpu: 2, gpu and smoke: 1)")
     parser.add_argument("--layer-decay", type=float, default=None,
                         help="override the recipe's layer-wise LR decay for fine-tuning "
                              "(those runs get their own directories; the rest are reused)")
@@ -327,34 +392,24 @@ def main() -> None:
     datasets = local_medmnist(data_root)
     work, results_dir = Path(args.work) / args.recipe, Path(args.results)
     results_dir.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    start, results, sources = time.perf_counter(), [], set()
-    for seed in recipe.seeds:
-        source = pretrain(recipe, datasets, data_root, seed if recipe.pretrain_per_seed else 0, work, args.device)
-        sources.add(source)
-        print(f"[{(time.perf_counter() - start) / 60:.1f} min] pretrained seed {seed}", flush=True)
-        for dataset in datasets:
-            for fraction in recipe.fractions:
-                for mode in MODES:
-                    r = finetune(recipe, dataset, mode, fraction, seed, source, data_root, work, args.device)
-                    report(r, start)
-                    results.append(r)
-                if recipe.runs_baseline(dataset, fraction):
-                    r = train_resnet(dataset, fraction, seed, recipe.baseline_epochs, data_root,
-                                     work / f"{dataset}-{BASELINE}-{fraction:g}-seed{seed}", args.device)
-                    report(r, start)
-                    results.append(r)
+    if args.jobs is not None and args.jobs < 1:
+        sys.exit(f"error: --jobs must be >= 1, got {args.jobs}")
+    jobs = args.jobs or recipe.jobs
+    start = time.perf_counter()
+    results, sources = run_all(recipe, datasets, data_root, work, args.device, jobs, start)
+    wall_minutes = (time.perf_counter() - start) / 60
     minutes = (sum(pretrain_seconds(s) for s in sources) + sum(r["seconds"] for r in results)) / 60
     summary = summarise(results)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else \
         f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
     command = "python benchmarks/medmnist_recipe.py " + " ".join(sys.argv[1:])
-    table = markdown_table(summary, datasets, recipe, command, device, minutes)
+    table = markdown_table(summary, datasets, recipe, command, device, minutes, jobs)
     (results_dir / f"medmnist_{args.recipe}.md").write_text(table)
     (results_dir / f"medmnist_{args.recipe}.json").write_text(json.dumps(
         {"recipe": args.recipe, "pretrain_steps": recipe.pretrain_steps, "layer_decay": recipe.layer_decay,
          "model": recipe.model, "model_options": dict(recipe.model_options),
-         "selection_score": selection_score(summary), "minutes": minutes, "hardware": device,
+         "selection_score": selection_score(summary), "minutes": minutes, "hardware": device, "jobs": jobs,
+         "wall_minutes": wall_minutes,  # of the command that wrote this file (reused runs cost it nothing)
          "runs": [{k: v for k, v in r.items() if k != "history"} for r in results]}, indent=2))
     label_efficiency_plot(summary, datasets, recipe.fractions, results_dir / f"label_efficiency_{args.recipe}.png")
     print(table)

@@ -70,6 +70,40 @@ def test_smoke_recipe_writes_table_json_and_plot_and_resumes(tmp_path, fake_arra
 
 
 @pytest.mark.slow
+def test_runs_trained_two_at_a_time_fill_every_cell(tmp_path, fake_arrays):
+    data_root = tmp_path / "data"
+    data_root.mkdir()
+    for name in ("retinamnist", "adrenalmnist3d"):
+        np.savez_compressed(data_root / f"{name}.npz", **fake_arrays(name, counts=COUNTS))
+    work, results = tmp_path / "work", tmp_path / "results"
+    parallel = run_recipe(data_root, work, results, "--jobs", "2")
+    assert parallel.returncode == 0, parallel.stderr[-2000:]
+    report = json.loads((results / "medmnist_smoke.json").read_text())
+    assert report["jobs"] == 2 and report["wall_minutes"] > 0
+    cells = {(r["dataset"], r["mode"], r["label_fraction"], r["seed"]) for r in report["runs"]}
+    assert len(cells) == len(report["runs"]) == 24
+    assert "2 runs at a time" in (results / "medmnist_smoke.md").read_text()
+    assert len(list((work / "smoke").glob("*/results.json"))) == 24
+    zero = run_recipe(data_root, work, results, "--jobs", "-1")
+    assert zero.returncode != 0 and "--jobs must be >= 1, got -1" in zero.stderr
+
+
+def test_a_run_of_other_epochs_is_not_reused(tmp_path):
+    sys.path.insert(0, str(BENCHMARKS))
+    import medmnist_recipe
+
+    from medformer_core.downstream.finetune import FinetuneConfig, write_finetune_config
+
+    recipe = replace(medmnist_recipe.RECIPES["smoke"], epochs={1.0: 5, 0.1: 3})
+    run_dir = tmp_path / "work" / "adrenalmnist3d-scratch-1-seed0"
+    run_dir.mkdir(parents=True)
+    write_finetune_config(FinetuneConfig(dataset="adrenalmnist3d", epochs=2), run_dir / "finetune.toml")
+    with pytest.raises(SystemExit, match="holds a 2-epoch run, not 5; pass another --work"):
+        medmnist_recipe.finetune(recipe, "adrenalmnist3d", "scratch", 1.0, 0, None, tmp_path, tmp_path / "work",
+                                 "cpu")
+
+
+@pytest.mark.slow
 def test_recipe_names_the_missing_required_file(tmp_path):
     (tmp_path / "data").mkdir()
     result = run_recipe(tmp_path / "data", tmp_path / "work", tmp_path / "results")
