@@ -108,17 +108,7 @@ def local_medmnist(data_root: Path) -> list[str]:
 def pretrain(recipe: Recipe, datasets: list[str], data_root: Path, seed: int, out: Path, device: str) -> Path:
     """Pretrain (or find, in a resumed recipe) the encoder for `seed`; its run time goes to seconds.json."""
     run_dir = out / f"pretrain-seed{seed}"
-    if (run_dir / "config.toml").is_file():
-        found = load_config(run_dir / "config.toml", {})
-        if found.steps != recipe.pretrain_steps:
-            sys.exit(f"error: {run_dir} holds a {found.steps}-step pretraining, not {recipe.pretrain_steps}; "
-                     "pass another --work")
-        if sorted(found.plugins) != sorted(recipe.plugins):
-            sys.exit(f"error: {run_dir} was pretrained with tasks {', '.join(found.plugins)}, not "
-                     f"{', '.join(recipe.plugins)}; pass another --work")
-        if found.model_options != dict(recipe.model_options):
-            sys.exit(f"error: {run_dir} was pretrained with model options {found.model_options}, not "
-                     f"{dict(recipe.model_options)}; pass another --work")
+    check_pretraining(recipe, run_dir)
     if (run_dir / "seconds.json").is_file():  # written only when the pretraining ran to its last step
         return run_dir
     start = time.perf_counter()
@@ -135,6 +125,22 @@ def pretrain(recipe: Recipe, datasets: list[str], data_root: Path, seed: int, ou
     return run_dir
 
 
+def check_pretraining(recipe: Recipe, run_dir: Path) -> None:
+    """Exit with a clear error when `run_dir` holds a pretraining made with other settings."""
+    if not (run_dir / "config.toml").is_file():
+        return
+    found = load_config(run_dir / "config.toml", {})
+    if found.steps != recipe.pretrain_steps:
+        sys.exit(f"error: {run_dir} holds a {found.steps}-step pretraining, not {recipe.pretrain_steps}; "
+                 "pass another --work")
+    if sorted(found.plugins) != sorted(recipe.plugins):
+        sys.exit(f"error: {run_dir} was pretrained with tasks {', '.join(found.plugins)}, not "
+                 f"{', '.join(recipe.plugins)}; pass another --work")
+    if found.model_options != dict(recipe.model_options):
+        sys.exit(f"error: {run_dir} was pretrained with model options {found.model_options}, not "
+                 f"{dict(recipe.model_options)}; pass another --work")
+
+
 def pretrain_seconds(run_dir: Path) -> float:
     """How long a pretraining took (NaN when it was made before times were recorded)."""
     path = run_dir / "seconds.json"
@@ -146,22 +152,31 @@ def finetune(recipe: Recipe, dataset: str, mode: str, fraction: float, seed: int
     """One fine-tune, probe or from-scratch run at the mode's default learning rate; a finished run
     is reused. Fine-tune runs are named by their layer decay."""
     decay = recipe.layer_decay if mode == "finetune" else 1.0
-    epochs = recipe.epochs[fraction]
     config = FinetuneConfig(
         dataset=dataset, source=None if mode == "scratch" else str(source), linear_probe=mode == "linear-probe",
-        label_fraction=fraction, epochs=epochs, batch_size=recipe.batch_size, layer_decay=decay,
+        label_fraction=fraction, epochs=recipe.epochs[fraction], batch_size=recipe.batch_size, layer_decay=decay,
         model=recipe.model, model_options=dict(recipe.model_options), seed=seed, data_root=str(data_root),
         device=device,
     )
-    suffix = "" if decay == 1.0 else f"-decay{decay:g}"
-    run_dir = out / f"{dataset}-{mode}-{fraction:g}-seed{seed}{suffix}"
+    run_dir = finetune_dir(recipe, dataset, mode, fraction, seed, out)
+    check_epochs(run_dir, config.epochs)
+    if (run_dir / "results.json").is_file():
+        return json.loads((run_dir / "results.json").read_text())
+    return Finetuner(config, run_dir, quiet=True, resume=(run_dir / "checkpoints").is_dir()).run()
+
+
+def finetune_dir(recipe: Recipe, dataset: str, mode: str, fraction: float, seed: int, out: Path) -> Path:
+    """A cell's run directory; fine-tune runs are named by their layer decay."""
+    suffix = f"-decay{recipe.layer_decay:g}" if mode == "finetune" and recipe.layer_decay != 1.0 else ""
+    return out / f"{dataset}-{mode}-{fraction:g}-seed{seed}{suffix}"
+
+
+def check_epochs(run_dir: Path, epochs: int) -> None:
+    """Exit with a clear error when `run_dir` holds a run of other epochs."""
     if (run_dir / "finetune.toml").is_file():
         found = read_finetune_config(run_dir / "finetune.toml").epochs
         if found != epochs:
             sys.exit(f"error: {run_dir} holds a {found}-epoch run, not {epochs}; pass another --work")
-    if (run_dir / "results.json").is_file():
-        return json.loads((run_dir / "results.json").read_text())
-    return Finetuner(config, run_dir, quiet=True, resume=(run_dir / "checkpoints").is_dir()).run()
 
 
 def run_all(recipe: Recipe, datasets: list[str], data_root: Path, work: Path, device: str, jobs: int,
@@ -177,6 +192,11 @@ def run_all(recipe: Recipe, datasets: list[str], data_root: Path, work: Path, de
                     (free if mode == "scratch" else needs_encoder).append((dataset, mode, fraction, seed))
                 if recipe.runs_baseline(dataset, fraction):
                     free.append((dataset, BASELINE, fraction, seed))
+    for seed in pretrain_seeds:  # a run made with other settings stops the recipe before anything trains
+        check_pretraining(recipe, work / f"pretrain-seed{seed}")
+    for dataset, mode, fraction, seed in free + needs_encoder:
+        if mode != BASELINE:
+            check_epochs(finetune_dir(recipe, dataset, mode, fraction, seed, work), recipe.epochs[fraction])
     arguments = (data_root, work, device)
     if jobs == 1:
         sources = {}
@@ -191,17 +211,21 @@ def run_all(recipe: Recipe, datasets: list[str], data_root: Path, work: Path, de
     threads = max(1, torch.get_num_threads() // jobs)
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(jobs, mp_context=context, initializer=torch.set_num_threads, initargs=(threads,)) as pool:
-        pretrainings = {seed: pool.submit(pretrain, recipe, datasets, data_root, seed, work, device)
-                        for seed in pretrain_seeds}
-        cells = [pool.submit(run_cell, recipe, cell, {}, *arguments) for cell in free]
-        for future in cells:
-            future.add_done_callback(lambda f: f.exception() or report(f.result(), start))
-        sources = {seed: future.result() for seed, future in pretrainings.items()}
-        print(f"[{(time.perf_counter() - start) / 60:.1f} min] pretrained", flush=True)
-        for cell in needs_encoder:
-            cells.append(pool.submit(run_cell, recipe, cell, sources, *arguments))
-            cells[-1].add_done_callback(lambda f: f.exception() or report(f.result(), start))
-        return [future.result() for future in cells], set(sources.values())
+        try:
+            pretrainings = {seed: pool.submit(pretrain, recipe, datasets, data_root, seed, work, device)
+                            for seed in pretrain_seeds}
+            cells = [pool.submit(run_cell, recipe, cell, {}, *arguments) for cell in free]
+            for future in cells:
+                future.add_done_callback(lambda f: f.exception() or report(f.result(), start))
+            sources = {seed: future.result() for seed, future in pretrainings.items()}
+            print(f"[{(time.perf_counter() - start) / 60:.1f} min] pretrained", flush=True)
+            for cell in needs_encoder:
+                cells.append(pool.submit(run_cell, recipe, cell, sources, *arguments))
+                cells[-1].add_done_callback(lambda f: f.exception() or report(f.result(), start))
+            return [future.result() for future in cells], set(sources.values())
+        except BaseException:  # a run failed or was interrupted: the runs in progress finish and are kept
+            pool.shutdown(cancel_futures=True)
+            raise
 
 
 def run_cell(recipe: Recipe, cell: tuple, sources: dict[int, Path], data_root: Path, work: Path,

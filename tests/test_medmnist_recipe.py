@@ -86,6 +86,9 @@ def test_runs_trained_two_at_a_time_fill_every_cell(tmp_path, fake_arrays):
     assert len(list((work / "smoke").glob("*/results.json"))) == 24
     zero = run_recipe(data_root, work, results, "--jobs", "-1")
     assert zero.returncode != 0 and "--jobs must be >= 1, got -1" in zero.stderr
+    longer = run_recipe(data_root, work, results, "--jobs", "2", "--pretrain-steps", "5")  # stops before any run
+    assert longer.returncode != 0 and "Traceback" not in longer.stderr
+    assert "holds a 4-step pretraining, not 5" in longer.stderr
 
 
 def test_a_run_of_other_epochs_is_not_reused(tmp_path):
