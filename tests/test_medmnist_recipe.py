@@ -20,12 +20,17 @@ def run_recipe(data_root, work, results, *extra):
     return subprocess.run(command, capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.slow
-def test_smoke_recipe_writes_table_json_and_plot_and_resumes(tmp_path, fake_arrays):
-    data_root = tmp_path / "data"
+def smoke_data(data_root: Path, fake_arrays) -> Path:
+    """The two required MedMNIST files, tiny, in the official layout."""
     data_root.mkdir()
     for name in ("retinamnist", "adrenalmnist3d"):
         np.savez_compressed(data_root / f"{name}.npz", **fake_arrays(name, counts=COUNTS))
+    return data_root
+
+
+@pytest.mark.slow
+def test_smoke_recipe_writes_table_json_and_plot_and_resumes(tmp_path, fake_arrays):
+    data_root = smoke_data(tmp_path / "data", fake_arrays)
     work, results = tmp_path / "work", tmp_path / "results"
     first = run_recipe(data_root, work, results)
     assert first.returncode == 0, first.stderr[-2000:]
@@ -71,10 +76,7 @@ def test_smoke_recipe_writes_table_json_and_plot_and_resumes(tmp_path, fake_arra
 
 @pytest.mark.slow
 def test_runs_trained_two_at_a_time_fill_every_cell(tmp_path, fake_arrays):
-    data_root = tmp_path / "data"
-    data_root.mkdir()
-    for name in ("retinamnist", "adrenalmnist3d"):
-        np.savez_compressed(data_root / f"{name}.npz", **fake_arrays(name, counts=COUNTS))
+    data_root = smoke_data(tmp_path / "data", fake_arrays)
     work, results = tmp_path / "work", tmp_path / "results"
     parallel = run_recipe(data_root, work, results, "--jobs", "2")
     assert parallel.returncode == 0, parallel.stderr[-2000:]
