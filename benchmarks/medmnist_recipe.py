@@ -151,7 +151,7 @@ def finetune(recipe: Recipe, dataset: str, mode: str, fraction: float, seed: int
              data_root: Path, out: Path, device: str) -> dict:
     """One fine-tune, probe or from-scratch run at the mode's default learning rate; a finished run
     is reused. Fine-tune runs are named by their layer decay."""
-    decay = recipe.layer_decay if mode == "finetune" else 1.0
+    decay = layer_decay_of(recipe, mode)
     config = FinetuneConfig(
         dataset=dataset, source=None if mode == "scratch" else str(source), linear_probe=mode == "linear-probe",
         label_fraction=fraction, epochs=recipe.epochs[fraction], batch_size=recipe.batch_size, layer_decay=decay,
@@ -165,9 +165,15 @@ def finetune(recipe: Recipe, dataset: str, mode: str, fraction: float, seed: int
     return Finetuner(config, run_dir, quiet=True, resume=(run_dir / "checkpoints").is_dir()).run()
 
 
+def layer_decay_of(recipe: Recipe, mode: str) -> float:
+    """The layer-wise LR decay of a cell: the recipe's for a fine-tune, none (1) otherwise."""
+    return recipe.layer_decay if mode == "finetune" else 1.0
+
+
 def finetune_dir(recipe: Recipe, dataset: str, mode: str, fraction: float, seed: int, out: Path) -> Path:
     """A cell's run directory; fine-tune runs are named by their layer decay."""
-    suffix = f"-decay{recipe.layer_decay:g}" if mode == "finetune" and recipe.layer_decay != 1.0 else ""
+    decay = layer_decay_of(recipe, mode)
+    suffix = "" if decay == 1.0 else f"-decay{decay:g}"
     return out / f"{dataset}-{mode}-{fraction:g}-seed{seed}{suffix}"
 
 
