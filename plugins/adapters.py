@@ -51,10 +51,16 @@ class GridEmbedding(nn.Module):
             )
 
     def position_embedding(self, grid: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """The fixed sin-cos embedding of `grid`: [prod(grid), E] (cached per grid and device)."""
+        """The fixed sin-cos embedding of `grid`, centred: [prod(grid), E] (cached per grid and device).
+
+        Centred over the grid, the positions add nothing to the mean of an image's tokens: the
+        sin-cos columns of low frequency are near 1 at every patch, and would otherwise give every
+        image the same large average.
+        """
         key = (grid, device, dtype)
         if key not in self._positions:
-            self._positions[key] = sincos_position_embedding(grid, self.embed_dim).to(device, dtype)
+            positions = sincos_position_embedding(grid, self.embed_dim)
+            self._positions[key] = (positions - positions.mean(dim=0)).to(device, dtype)
         return self._positions[key]
 
 

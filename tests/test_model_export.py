@@ -49,7 +49,9 @@ def test_load_encoder_reports_missing_and_unexpected_keys(exported, tiny_model, 
     rgb = phantom_info(2, channels=3)  # a modality the export has no adapter for
     target = tiny_model([registries().tasks.get("rotation")], [rgb], seed=1, **PATCH_ADAPTERS)
     report = target.load_encoder(path)
-    assert report.missing == ["adapters.patch2d_3ch.bias", "adapters.patch2d_3ch.weight"]
+    assert report.missing == ["adapters.patch2d_3ch.bias", "adapters.patch2d_3ch.weight",
+                              "intensity.phantoms2d_3ch.count", "intensity.phantoms2d_3ch.mean",
+                              "intensity.phantoms2d_3ch.square"]
     assert "adapters.patch3d_1ch.weight" in report.unexpected and "dataset_embed.phantoms3d" in report.unexpected
     assert "kept as initialised" in str(report) and "ignored" in str(report)
     assert torch.equal(target.encoder.body[0].attn.qkv.weight, model.encoder.body[0].attn.qkv.weight)

@@ -6,9 +6,10 @@ This catches the class of problem where the architecture, its initialisation or 
 bottleneck holds the fit back (the loss then sits at the label prior's entropy, 0.69 here).
 
 Medical images of one set share most of their content (background, the same anatomy). On 64 images
-that are one shared ball plus a small cube each, the `tiny` preset stays at the prior's entropy
-full-batch (as on 64 real AdrenalMNIST3D volumes, benchmarks/fit_check.py); with the label head's
-batch norm (`medformer finetune --head-batch-norm`) it memorises them.
+that are one shared ball plus a small cube each, the `tiny` preset as users get it memorises them
+full-batch. Before the encoder standardised its inputs per dataset, centred its positions and read
+raw token values, it stayed at the prior's entropy there unless the label head had a batch norm
+(as on 64 real AdrenalMNIST3D volumes, benchmarks/fit_check.py).
 """
 
 import pytest
@@ -25,7 +26,7 @@ SAMPLES, STEPS = 64, 150
 
 
 def memorise(train_full_batch, images: torch.Tensor, steps: int = STEPS, small: bool = True,
-             head_batch_norm: bool = False, **overrides) -> list[float]:
+             **overrides) -> list[float]:
     """Full-batch training on `images` [N, 1, *S] with random binary labels; the loss of every step."""
     info = DatasetInfo("memorise", images.ndim - 2, 1, tuple(images.shape[2:]), task="binary-class",
                        labels={0: "a", 1: "b"})
@@ -34,7 +35,7 @@ def memorise(train_full_batch, images: torch.Tensor, steps: int = STEPS, small: 
              "label": torch.randperm(len(images), generator=generator).remainder(2).unsqueeze(1)}
     torch.manual_seed(0)
     sizes = SMALL if small else {}  # small=False: the `tiny` preset as users get it
-    task = registries().tasks.get("supervised").with_options(batch_norm=head_batch_norm)
+    task = registries().tasks.get("supervised")
     model = build_model("tiny", [info], [task], **{**sizes, **overrides})
     return train_full_batch(model, batch, "supervised", steps, generator)
 
@@ -52,9 +53,9 @@ def test_a_small_medformer_memorises_64_randomly_labeled_images(spatial_dims, va
 
 @pytest.mark.slow
 @pytest.mark.parametrize("spatial_dims", [2, 3])
-def test_with_the_head_batch_norm_the_tiny_preset_memorises_images_that_share_most_of_their_content(
-        spatial_dims, shared_anatomy, train_full_batch):
+def test_the_tiny_preset_memorises_images_that_share_most_of_their_content(spatial_dims, shared_anatomy,
+                                                                           train_full_batch):
     images = shared_anatomy(spatial_dims, SIZES[spatial_dims], SAMPLES)
-    losses = memorise(train_full_batch, images, steps=40, small=False, head_batch_norm=True)
+    losses = memorise(train_full_batch, images, steps=60, small=False)
     assert losses[0] > 0.5
-    assert max(losses[-5:]) < 0.2, losses[::10]
+    assert max(losses[-5:]) < 0.4, losses[::10]  # the prior's entropy is 0.69

@@ -4,6 +4,7 @@ Tokens carry no spatial layout, so one block serves 2D and 3D inputs alike.
 """
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import medformer_kernels as kernels
@@ -38,7 +39,10 @@ class SelfAttention(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Multi-head cross-attention: queries [B, Q, E] attend to context [B, N, E] -> [B, Q, E]."""
+    """Multi-head cross-attention: queries [B, Q, E] attend to context [B, N, E] -> [B, Q, E].
+
+    Keys come from `context`, values from `values` (default: `context`), both [B, N, E].
+    """
 
     def __init__(self, dim: int, heads: int, qkv_bias: bool = True):
         super().__init__()
@@ -49,9 +53,15 @@ class CrossAttention(nn.Module):
         self.kv = nn.Linear(dim, 2 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, queries: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, queries: torch.Tensor, context: torch.Tensor, values: torch.Tensor | None = None) -> torch.Tensor:
         q = split_heads(self.q(queries), self.heads)
-        k, v = (split_heads(t, self.heads) for t in self.kv(context).chunk(2, dim=-1))
+        if values is None:
+            k, v = (split_heads(t, self.heads) for t in self.kv(context).chunk(2, dim=-1))
+        else:  # the key and value halves of the kv projection, each on its own input
+            w_k, w_v = self.kv.weight.chunk(2)
+            b_k, b_v = self.kv.bias.chunk(2) if self.kv.bias is not None else (None, None)
+            k = split_heads(F.linear(context, w_k, b_k), self.heads)
+            v = split_heads(F.linear(values, w_v, b_v), self.heads)
         return self.proj(merge_heads(kernels.attention(q, k, v)))
 
 
@@ -97,10 +107,19 @@ class Block(nn.Module):
 
 
 class CrossBlock(nn.Module):
-    """Pre-norm cross-attention block: queries [B, Q, E] read context [B, N, E] -> [B, Q, E]."""
+    """Pre-norm cross-attention block: queries [B, Q, E] read context [B, N, E] -> [B, Q, E].
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float, drop_path: float = 0.0, qkv_bias: bool = True):
+    With `raw_values=True` only the keys see the normalised context; the values are the context
+    as it is, so a token's size counts: the Input Adaptformer reads what an image holds (its
+    tokens of tissue are large, its empty tokens small) instead of an average in which every token,
+    empty or not, weighs the same after the LayerNorm (docs/model.md, "Features that separate
+    images").
+    """
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, drop_path: float = 0.0, qkv_bias: bool = True,
+                 raw_values: bool = False):
         super().__init__()
+        self.raw_values = raw_values
         self.norm_q = nn.LayerNorm(dim)
         self.norm_context = nn.LayerNorm(dim)
         self.attn = CrossAttention(dim, heads, qkv_bias)
@@ -109,7 +128,8 @@ class CrossBlock(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def forward(self, queries: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        x = queries + self.drop_path(self.attn(self.norm_q(queries), self.norm_context(context)))
+        values = context if self.raw_values else None
+        x = queries + self.drop_path(self.attn(self.norm_q(queries), self.norm_context(context), values))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 

@@ -39,12 +39,13 @@ from medformer_core.api.interfaces import InputAdapter, InputSpec
 from medformer_core.api.lookup import lookup, unknown_name
 from medformer_core.api.registry import Registry
 from medformer_core.model.blocks import Block, CrossBlock, init_weights
+from medformer_core.model.intensity import IntensityStats, stats_key
 from medformer_core.model.patches import grid_shape, sincos_position_embedding
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 EXPORT_FORMAT = "medformer-encoder"
-EXPORT_VERSION = 1
+EXPORT_VERSION = 2  # 2: intensity statistics, centred positions, raw values in the Input Adaptformer
 
 
 @dataclass(frozen=True)
@@ -134,9 +135,12 @@ class Medformer(nn.Module):
         self.datasets = list(dict.fromkeys(datasets))
         self.dataset_embed = nn.ParameterDict(
             {module_key(name): nn.Parameter(torch.zeros(config.embed_dim)) for name in self.datasets})
+        channels = sorted({spec.channels for spec in inputs})
+        self.intensity = nn.ModuleDict({stats_key(module_key(name), c): IntensityStats(c)
+                                        for name in self.datasets for c in channels})
         self.latents = nn.Parameter(torch.zeros(config.latents, config.embed_dim)) if config.latents else None
         self.input_adaptformer = (
-            CrossBlock(config.embed_dim, config.heads, config.mlp_ratio, qkv_bias=config.qkv_bias)
+            CrossBlock(config.embed_dim, config.heads, config.mlp_ratio, qkv_bias=config.qkv_bias, raw_values=True)
             if config.latents else None
         )
         rates = [config.drop_path * i / max(1, config.depth - 1) for i in range(config.depth)]
@@ -161,12 +165,18 @@ class Medformer(nn.Module):
         return self.adapters[key]
 
     def embed(self, x: torch.Tensor, dataset: str, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """x: [B, C, *S] -> tokens [B, N, E] ([B, n_keep, E] with keep [B, n_keep])."""
+        """x: [B, C, *S] -> tokens [B, N, E] ([B, n_keep, E] with keep [B, n_keep]).
+
+        x is standardised with its dataset's intensity statistics (`medformer_core.model.intensity`)
+        before its adapter embeds it.
+        """
         key = module_key(dataset)
         if key not in self.dataset_embed:
             raise UsageError(f"this model has no embedding for dataset '{dataset}'",
                              hint=f"it was built for: {', '.join(self.datasets)}")
-        return self.adapter_for(x)(x, keep) + self.dataset_embed[key]
+        adapter = self.adapter_for(x)
+        x = self.intensity[stats_key(key, x.shape[1])](x)
+        return adapter(x, keep) + self.dataset_embed[key]
 
     def adapt(self, tokens: torch.Tensor, regions: torch.Tensor | None = None) -> torch.Tensor:
         """Input Adaptformer: tokens [B, N, E] -> latents [B, M, E]; identity when M == 0.

@@ -288,7 +288,7 @@ class MultitaskModel(nn.Module):
             raise CheckpointError(f"the encoder in {directory} has another architecture: {'; '.join(differ)}",
                                   hint="build the model with the exported encoder's settings")
         missing, unexpected = load_encoder_weights(self.encoder, directory)
-        core = [k for k in missing if not k.startswith(("adapters.", "dataset_embed."))]
+        core = [k for k in missing if not k.startswith(("adapters.", "dataset_embed.", "intensity."))]
         if core:
             raise CheckpointError(f"{directory} lacks encoder tensors {core[:5]}", hint="export the encoder again")
         loaded = len(self.encoder.state_dict()) - len(missing)
