@@ -3,8 +3,8 @@ comparison, never a timing).
 
 Every step sees the same batches with the same views (the generator is re-seeded per step), so the
 test checks that the task's gradients lower its own loss. Whether a view's target can be told
-from the view is checked on hand-made cases in test_tasks_targets.py; phantoms are symmetric
-under rotations and axis swaps, so rotation or slice axis could not be learned beyond memory.
+from the view is checked on hand-made cases in test_tasks_targets.py, and whether the
+classification-type tasks leave chance on phantoms they never saw in test_tasks_leave_chance.py.
 """
 
 import pytest
