@@ -135,6 +135,39 @@ def train_full_batch():
     return train
 
 
+@pytest.fixture(scope="session")
+def unseen_accuracy(phantom_info, phantom_batch):
+    """unseen_accuracy(task_name, spatial_dims, metric="accuracy") -> the task's `metric` on 64
+    phantoms the model never saw, after 80 AdamW steps of the `tiny` preset as users get it on fresh
+    batches of 32 of 512 other phantoms (28^2 or 16^3)."""
+    batch_size, steps, pool, held_out = 32, 80, 512, 64
+
+    def accuracy(task_name: str, spatial_dims: int, metric: str = "accuracy") -> float:
+        info = phantom_info(spatial_dims, size={2: 28, 3: 16}[spatial_dims], count=pool + held_out)
+        data = phantom_batch(info, count=pool + held_out)
+
+        def rows(start: int) -> dict:
+            return {"image": data["image"][start:start + batch_size], "label": data["label"][start:start + batch_size],
+                    "dataset": info.name}
+
+        torch.manual_seed(0)
+        model = build_model("tiny", [info], [plugins.registries().tasks.get(task_name)])
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+        generator = torch.Generator().manual_seed(0)
+        for step in range(steps):
+            loss = model(rows(step * batch_size % pool), generator)[task_name].loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        model.eval()
+        with torch.no_grad():
+            scores = [model(rows(start), generator)[task_name].metrics[metric]
+                      for start in range(pool, pool + held_out, batch_size)]
+        return sum(scores) / len(scores)
+
+    return accuracy
+
+
 # -- MedMNIST files ----------------------------------------------------------------------------------
 
 

@@ -125,6 +125,13 @@ def test_guide_task_trains_on_phantoms(name, spatial_dims, guide_plugin, tiny_mo
         assert all(g is not None and torch.isfinite(g).all() for g in grads), f"{name}: a parameter lacks a gradient"
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_guide_flip_task_leaves_chance_as_written(spatial_dims, guide_plugin, unseen_accuracy):
+    accuracy = unseen_accuracy("flip", spatial_dims)
+    assert accuracy > 0.6, accuracy  # chance: 0.5, always "not mirrored" (probability 0.5)
+
+
 def test_guide_dataset_builds_labeled_splits(guide_plugin):
     factory = registries().datasets.get("stripes")
     options = DatasetOptions(argument="size=16,count=12", seed=3)
