@@ -18,21 +18,11 @@ import torch
 
 from medformer_core.api.datasets import resolve_dataset
 from medformer_core.api.errors import MedformerError
+from medformer_core.api.options import parse_options, split_pairs
 from medformer_core.api.plugins import registries
 from medformer_core.engine.builders import build_model
+from medformer_core.model.medformer import ModelConfig
 from medformer_core.reporting.signal import between_image_share, pooled_encoder_features
-
-
-def parse_value(text: str):
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -44,7 +34,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--seeds", type=int, default=3)
     args = parser.parse_args(argv)
-    overrides = {key: parse_value(value) for key, _, value in (o.partition("=") for o in args.model_option)}
+    try:
+        pairs = split_pairs(args.model_option, "--model-option", "--model-option latent_pool=true")
+        overrides = parse_options(ModelConfig, pairs, "--model-option")
+    except MedformerError as error:
+        sys.exit(f"error: {error}")
     for name in args.dataset or ["phantoms2d", "phantoms3d"]:
         try:
             factory, options = resolve_dataset(name, data_root=args.data_root)
