@@ -12,8 +12,11 @@ from medformer_cli.console import err, out
 from medformer_core.api.errors import RunStopped, UsageError
 from medformer_core.api.options import split_pairs
 from medformer_core.engine.config import RunConfig, load_config
-from medformer_core.engine.loop import SUMMARY_BATCHES, RunSummary
+from medformer_core.engine.loop import RunSummary
 from medformer_core.engine.trainer import Trainer
+from medformer_core.reporting.verdicts import DIVERGING, LEARNING
+
+VERDICT_STYLES = {LEARNING: "green", DIVERGING: "red"}  # the rest (at chance, flat, too short) yellow
 
 
 def _toml_values(pairs: dict[str, str]) -> dict:
@@ -76,6 +79,10 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
     knn_every: int = typer.Option(None, min=0,
                                   help="Steps between kNN val AUC/ACC of each labeled dataset (default 200; 0: off)."),
+    checkpoint_every: int = typer.Option(None, min=1, help="Steps between checkpoints (default 50)."),
+    chance_patience: int = typer.Option(None, min=0,
+                                        help="Warn when a task is still at chance on a dataset after this many of "
+                                             "its batches (default 50; 0: never)."),
     tensorboard: bool = typer.Option(None, "--tensorboard/--no-tensorboard", help="Also write TensorBoard events."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ):
@@ -92,6 +99,7 @@ def train(
         "task_weights": _task_weights(task_weight) or None,
         "tasks": _task_options(task_option) or None, "accumulate": accumulate, "seed": seed,
         "device": device, "knn_every": knn_every, "tensorboard": tensorboard,
+        "checkpoint_every": checkpoint_every, "chance_patience": chance_patience,
     }
     try:
         run_config = load_config(config, overrides)
@@ -108,14 +116,20 @@ def train(
 
 
 def print_summary(summary: RunSummary, config: RunConfig) -> None:
-    """Per (task, dataset): the mean loss of its first and last batches, and its last metrics."""
+    """Per (task, dataset): its first and recent loss, its chance level, its recent metrics and
+    whether it learned."""
     table = Table(title=f"run {summary.run_dir}",
-                  caption=f"means over each row's first and last (up to) {SUMMARY_BATCHES} batches")
-    for column in ("task", "dataset", "first loss", "last loss", "last metrics"):
-        table.add_column(column)
-    for (task, dataset), last in summary.last.items():
-        metrics = " ".join(f"{name} {value:.3f}" for name, value in last.items() if name != "loss")
-        table.add_row(task, dataset, f"{summary.first[task, dataset]['loss']:.4f}", f"{last['loss']:.4f}", metrics)
+                  caption="loss: first logged -> mean of the last quarter of the row's batches; chance: what a "
+                          "head that ignores the image scores, loss and (metric)")
+    for column in ("task", "dataset", "loss", "chance", "metrics", "verdict"):
+        table.add_column(column, no_wrap=column in ("task", "dataset", "loss", "verdict"))
+    for (task, dataset), judged in summary.verdicts.items():
+        metrics = ", ".join(f"{name} {value:.3f}" + (f" ({judged.chance.value:.3f})" if judged.chance is not None
+                                                    and name == judged.chance.metric else "")
+                            for name, value in judged.metrics.items())
+        chance = "-" if judged.chance is None else f"{judged.chance.loss:.3f}"
+        table.add_row(task, dataset, f"{judged.first_loss:.3f} -> {judged.loss:.3f}", chance, metrics,
+                      f"[{VERDICT_STYLES.get(judged.status, 'yellow')}]{judged.status}")
     out.print(table)
     rate = summary.samples / max(summary.seconds, 1e-9)
     out.print(f"{summary.steps} steps, {summary.samples} samples, {summary.seconds:.1f} s ({rate:.0f} samples/s); "

@@ -15,6 +15,7 @@ from medformer_core.api.errors import DataError, MedformerError, UnknownNameErro
 from medformer_core.api.files import atomic_write
 from medformer_core.api.hookspecs import hookimpl
 from medformer_core.api.interfaces import (
+    Chance,
     DatasetFactory,
     InputAdapter,
     InputSpec,
@@ -24,6 +25,7 @@ from medformer_core.api.interfaces import (
     PretextTask,
     TaskResult,
     View,
+    classification_chance,
     classification_result,
 )
 from medformer_core.api.options import parse_options, split_pairs
@@ -33,8 +35,8 @@ sys.modules.update({f"{__name__}.{module.__name__.rpartition('.')[2]}": module
                     for module in (data, errors, hookspecs, interfaces)})
 
 __all__ = [
-    "CropSplit", "DataError", "DatasetFactory", "DatasetInfo", "DatasetOptions", "ImageSplit", "InputAdapter",
-    "InputSpec", "MedformerError", "NoOptions", "OutputHead", "OutputSpec", "PretextTask", "TaskContext", "TaskResult",
-    "UnknownNameError", "UsageError", "View", "Volume", "atomic_write", "classification_result", "hookimpl",
-    "parse_options", "split_pairs", "stratified_subset",
+    "Chance", "CropSplit", "DataError", "DatasetFactory", "DatasetInfo", "DatasetOptions", "ImageSplit",
+    "InputAdapter", "InputSpec", "MedformerError", "NoOptions", "OutputHead", "OutputSpec", "PretextTask",
+    "TaskContext", "TaskResult", "UnknownNameError", "UsageError", "View", "Volume", "atomic_write",
+    "classification_chance", "classification_result", "hookimpl", "parse_options", "split_pairs", "stratified_subset",
 ]

@@ -10,14 +10,22 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from medformer_core import OutputSpec, PretextTask, TaskResult, View, classification_result, hookimpl
+from medformer_core import (
+    OutputSpec,
+    PretextTask,
+    TaskResult,
+    View,
+    classification_chance,
+    classification_result,
+    hookimpl,
+)
 
 
 @dataclass(frozen=True)
 class ContrastiveOptions:
     temperature: float = 0.2
     projection_dim: int = 128
-    batch_norm: bool = False  # SimCLR's batch norm after the projection's first Linear (plugins/heads.py)
+    batch_norm: bool = True  # SimCLR's batch norm after the projection's first Linear (plugins/heads.py)
 
     def __post_init__(self):
         if self.temperature <= 0:
@@ -58,6 +66,9 @@ class Contrastive(PretextTask):
     def output_spec(self, info, run):
         options = {"out_dim": self.options.projection_dim, "batch_norm": self.options.batch_norm}
         return OutputSpec("embedding", queries=1, options=options)
+
+    def chance(self, data, batch_size):
+        return classification_chance(2 * batch_size - 1)  # each view picks its partner among 2B - 1 others
 
     def make_view(self, ctx, batch, generator):
         image = batch["image"]  # [B, C, *S]

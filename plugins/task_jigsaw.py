@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from medformer_core import OutputSpec, PretextTask, View, classification_result, hookimpl
+from medformer_core import OutputSpec, PretextTask, View, classification_chance, classification_result, hookimpl
 from medformer_core.api.draws import integers
 from medformer_core.model.patches import map_tiles
 
@@ -28,7 +28,7 @@ PERMUTATION_SEED = 0
 @dataclass(frozen=True)
 class JigsawOptions:
     permutations: int = 100
-    batch_norm: bool = False  # a batch norm in the label head (plugins/heads.py); each sample draws its permutation
+    batch_norm: bool = True  # a batch norm in the label head (plugins/heads.py); each sample draws its permutation
 
     def __post_init__(self):
         if not 2 <= self.permutations <= 1000:
@@ -79,6 +79,9 @@ class Jigsaw(PretextTask):
     def output_spec(self, info, run):
         options = {"num_outputs": self.options.permutations, "batch_norm": self.options.batch_norm}
         return OutputSpec("label", queries=1, options=options)
+
+    def chance(self, data, batch_size):
+        return classification_chance(self.options.permutations)
 
     def make_view(self, ctx, batch, generator):
         image = batch["image"]  # [B, C, *S]

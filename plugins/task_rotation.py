@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from medformer_core import OutputSpec, PretextTask, View, classification_result, hookimpl
+from medformer_core import OutputSpec, PretextTask, View, classification_chance, classification_result, hookimpl
 from medformer_core.api.draws import integers
 
 
@@ -56,7 +56,7 @@ def rotate(x: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class RotationOptions:
-    batch_norm: bool = False  # a batch norm in the label head (plugins/heads.py); each sample draws its rotation
+    batch_norm: bool = True  # a batch norm in the label head (plugins/heads.py); each sample draws its rotation
 
 
 class Rotation(PretextTask):
@@ -79,6 +79,9 @@ class Rotation(PretextTask):
     def output_spec(self, info, run):
         options = {"num_outputs": self.num_classes(info.spatial_dims), "batch_norm": self.options.batch_norm}
         return OutputSpec("label", queries=1, options=options)
+
+    def chance(self, data, batch_size):
+        return classification_chance(self.num_classes(data.info.spatial_dims))
 
     def make_view(self, ctx, batch, generator):
         image = batch["image"]  # [B, C, *S]

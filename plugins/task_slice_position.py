@@ -7,12 +7,13 @@ in the run, one adapter). Targets: the axis (3 classes, cross-entropy) and the r
 i / (size_a - 1) in [0, 1] (a sigmoid output, mean squared error times `position_weight`).
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from medformer_core import InputSpec, OutputSpec, PretextTask, TaskResult, hookimpl
+from medformer_core import Chance, InputSpec, OutputSpec, PretextTask, TaskResult, hookimpl
 from medformer_core.api.draws import integers, uniform
 
 AXES = 3
@@ -45,6 +46,13 @@ class SlicePosition(PretextTask):
 
     def output_spec(self, info, run):
         return OutputSpec("label", queries=1, options={"num_outputs": AXES + 1})
+
+    def chance(self, data, batch_size):
+        """Axis: ln 3 and accuracy 1/3. Position: the best constant guess (the middle) misses by the
+        variance of a uniform slice index over n slices, relative: (n + 1) / (12 (n - 1))."""
+        variance = sum((n + 1) / (12 * max(n - 1, 1)) for n in data.info.size) / AXES
+        return Chance(loss=math.log(AXES) + self.options.position_weight * variance, metric="axis_accuracy",
+                      value=1.0 / AXES)
 
     def draw(self, volume: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
         """-> axis [B] in {0, 1, 2}, slice index [B], relative position [B] in [0, 1]."""

@@ -22,10 +22,11 @@ w * x + (1 - w) * x[partner]; the targets are mixed alike, w * t + (1 - w) * t[p
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medformer_core import OutputSpec, PretextTask, TaskResult, View, hookimpl
+from medformer_core import Chance, OutputSpec, PretextTask, TaskResult, View, hookimpl
 
 MULTI_CLASS, BINARY, MULTI_LABEL, ORDINAL = (
     "multi-class", "binary-class", "multi-label, binary-class", "ordinal-regression")
@@ -49,6 +50,30 @@ def soft_targets(kind: str, labels: torch.Tensor, width: int) -> torch.Tensor:
         levels = torch.arange(width, device=labels.device)
         return (labels[:, :1] > levels).float()
     return F.one_hot(labels[:, 0], width).float()
+
+
+def entropy(p: np.ndarray) -> float:
+    """The entropy (nats) of the distribution p [K]."""
+    p = p[p > 0]
+    return float(-(p * np.log(p)).sum())
+
+
+def label_prior_chance(labels: np.ndarray, kind: str, num_classes: int, smoothing: float = 0.0) -> Chance:
+    """The chance of a classifier that learned only the label prior of `labels` [N, L] (negative rows
+    unlabeled): the loss of the best constant prediction, and the accuracy of always saying the
+    most frequent answer."""
+    labels = labels[(labels >= 0).all(axis=1)]
+    if kind in (MULTI_LABEL, ORDINAL):  # one binary cross-entropy per column (ordinal: per P(y > k))
+        columns = labels if kind == MULTI_LABEL else (labels[:, :1] > np.arange(num_classes - 1)).astype(int)
+        p = (1 - smoothing) * columns.mean(axis=0) + smoothing / 2 if len(columns) else np.full(columns.shape[1], 0.5)
+        loss = float(np.mean([entropy(np.array([q, 1 - q])) for q in p]))
+        if kind == MULTI_LABEL:
+            return Chance(loss, "accuracy", float(np.maximum(p, 1 - p).mean()))
+    counts = np.bincount(labels[:, 0], minlength=num_classes).astype(float)
+    prior = counts / counts.sum() if counts.sum() else np.full(num_classes, 1.0 / num_classes)
+    if kind not in (MULTI_LABEL, ORDINAL):
+        loss = entropy((1 - smoothing) * prior + smoothing / num_classes)
+    return Chance(loss, "accuracy", float(prior.max()))
 
 
 @dataclass(frozen=True)
@@ -81,6 +106,11 @@ class Supervised(PretextTask):
         if info.task == ORDINAL:
             options.update(num_outputs=info.num_classes - 1, ordinal=True)
         return OutputSpec("label", queries=1, options=options)
+
+    def chance(self, data, batch_size):
+        if data.labels is None:
+            return None
+        return label_prior_chance(data.labels, data.info.task, data.info.num_classes, self.options.label_smoothing)
 
     def make_view(self, ctx, batch, generator):
         return View(batch["image"], target=(batch["label"], batch.get("mixup")))  # label: [B, L]

@@ -132,6 +132,16 @@ def test_guide_flip_task_leaves_chance_as_written(spatial_dims, guide_plugin, un
     assert accuracy > 0.6, accuracy  # chance: 0.5, always "not mirrored" (probability 0.5)
 
 
+@pytest.mark.slow
+def test_guide_flip_task_gets_a_learning_verdict_as_written(guide_plugin, run_cli, tmp_path):
+    code, out, err = run_cli("train", "--plugin", "flip", "--dataset", "phantoms2d:count=512", "--knn-every", "0",
+                             "--out", str(tmp_path / "run"))
+    assert code == 0, err
+    row = next(line for line in out.splitlines() if line.count("│") > 5 and "flip" in line)
+    assert "learning" in row and "(0.500)" in out, out  # chance: always "not mirrored"
+    assert "warning" not in err
+
+
 def test_guide_dataset_builds_labeled_splits(guide_plugin):
     factory = registries().datasets.get("stripes")
     options = DatasetOptions(argument="size=16,count=12", seed=3)

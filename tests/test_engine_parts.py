@@ -8,7 +8,7 @@ import torch
 from medformer_core.api.errors import CheckpointError, UsageError
 from medformer_core.engine.checkpoint import latest_checkpoint, load_checkpoint, mismatch_hint, save_checkpoint
 from medformer_core.engine.config import RunConfig, load_config, write_config
-from medformer_core.engine.loop import FirstLast, MetricWindow, step_losses
+from medformer_core.engine.loop import MetricWindow, step_losses
 from medformer_core.engine.schedule import head_then_whole, warmup_cosine
 from medformer_core.engine.weighting import FixedWeighting, UncertaintyWeighting, make_weighting
 
@@ -164,16 +164,12 @@ def test_metric_window_means_per_task_and_per_dataset():
     assert restored.per_dataset() == window.per_dataset()
 
 
-def test_summary_averages_each_task_and_dataset_apart_never_one_batch():
-    summary = FirstLast(size=2)
-    for loss in (4.0, 3.0, 2.0, 1.0):  # a 2D rotation (4 classes) ...
-        summary.add(("flat", {"rotation": {"loss": loss, "accuracy": loss / 10}}))
-    for loss in (9.0, 8.0, 7.0):  # ... beside a 3D one (24 classes)
-        summary.add(("cube", {"rotation": {"loss": loss}}))
-    assert summary.means(summary.first) == {("rotation", "cube"): {"loss": 8.5},
-                                            ("rotation", "flat"): pytest.approx({"loss": 3.5, "accuracy": 0.35})}
-    assert summary.means(summary.last) == {("rotation", "cube"): {"loss": 7.5},
-                                           ("rotation", "flat"): pytest.approx({"loss": 1.5, "accuracy": 0.15})}
+def test_the_window_counts_each_task_and_datasets_batches():
+    window = MetricWindow()
+    for loss in (4.0, 3.0):
+        window.add(("flat", {"rotation": {"loss": loss, "accuracy": 0.5}}))
+    window.add(("cube", {"rotation": {"loss": 9.0}, "mae": {"loss": 1.0}}))
+    assert window.batches() == {"mae": {"cube": 1}, "rotation": {"cube": 1, "flat": 2}}
 
 
 def test_step_losses_average_the_batches_a_task_ran_on():

@@ -47,8 +47,10 @@ def test_train_writes_a_complete_run_directory(tmp_path, run_cli):
     assert code == 0, err
     knn = knn_by_step(run)
     assert sorted(knn) == [3, 4] and sorted(knn[4]) == ["phantoms2d", "phantoms3d"]  # every 3 steps, and the last
-    for scores in knn[4].values():  # 12 val phantoms may miss a class: AUC is then undefined (NaN)
-        assert 0.0 <= scores["acc"] <= 1.0 and (math.isnan(scores["auc"]) or 0.0 <= scores["auc"] <= 1.0)
+    for scores in knn[4].values():  # 12 val phantoms may miss a class: AUC is then undefined (null)
+        assert 0.0 <= scores["acc"] <= 1.0 and (scores["auc"] is None or 0.0 <= scores["auc"] <= 1.0)
+    for line in (run / "metrics.jsonl").read_text().splitlines():  # strict JSON: no NaN or Infinity
+        json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} in metrics.jsonl: {line}"))
     assert (run / "plots" / "knn.png").is_file()
     assert (run / "config.toml").read_text().count("steps = 4") == 1
     assert sorted(losses_by_step(run)) == [1, 2, 3, 4]
@@ -76,7 +78,7 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path, run_cli):
     # The state a run killed right after step 3 would leave: its step-3 checkpoint and logs.
     shutil.copytree(full, resumed)
     shutil.rmtree(resumed / "checkpoints" / "step_000006")
-    lines = (resumed / "metrics.jsonl").read_text().splitlines()[:3]
+    lines = (resumed / "metrics.jsonl").read_text().splitlines()[:4]  # the chance levels, steps 1 to 3
     (resumed / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     code, _, err = run_cli("train", *TINY, "--steps", "6", "--out", str(resumed), "--resume")
     assert code == 0, err

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
+import math
 import typing
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -60,19 +61,26 @@ class DatasetFactory(PluginObject):
         """A whole scan [C, *S] in its file's units -> [0, 1] float32, as this dataset scales its
         samples (`medformer predict` reads new scans through it). The default: 8-bit values / 255,
         values already in [0, 1] as they are, CT (reaching -900 HU) through -1000..1000 HU, anything
-        else clipped to its 0.5..99.5 percentiles per channel."""
+        else clipped to its 0.5..99.5 percentiles per channel. NaN and infinite voxels take no part
+        in the choice or the percentiles, and end at 0."""
         x = array.astype(np.float32)
         if array.dtype == np.uint8:
             return x / 255.0
-        if x.min() >= 0.0 and x.max() <= 1.0:
-            return x
-        if x.min() <= -900:
-            return np.clip((x + 1000.0) / 2000.0, 0.0, 1.0)
-        out = np.empty_like(x)
-        for c in range(x.shape[0]):
-            low, high = np.percentile(x[c], [0.5, 99.5])
-            out[c] = np.clip((x[c] - low) / (high - low), 0.0, 1.0) if high > low else 0.0
-        return out
+        finite = np.isfinite(x)
+        values = x[finite]
+        if values.size == 0:
+            return np.zeros_like(x)
+        if values.min() >= 0.0 and values.max() <= 1.0:
+            out = x
+        elif values.min() <= -900:
+            out = np.clip((x + 1000.0) / 2000.0, 0.0, 1.0)
+        else:
+            out = np.empty_like(x)
+            for c in range(x.shape[0]):
+                channel = x[c][finite[c]]
+                low, high = np.percentile(channel, [0.5, 99.5]) if channel.size else (0.0, 0.0)
+                out[c] = np.clip((x[c] - low) / (high - low), 0.0, 1.0) if high > low else 0.0
+        return np.where(finite, out, 0.0).astype(np.float32)
 
 
 class InputAdapter(PluginObject):
@@ -200,6 +208,32 @@ class TaskResult:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Chance:
+    """What a task scores when it has learned nothing about the image (`PretextTask.chance`).
+
+    loss:   the loss of the best guess that ignores the image, e.g. ln K for K equally likely classes.
+    metric: the name of one of the task's metrics (its `TaskResult.metrics` key), e.g. "accuracy".
+    value:  that metric's value at chance, e.g. 1 / K.
+    higher_is_better: whether a learning task moves the metric above `value` (else below).
+
+    The engine compares each (task, dataset)'s logged loss and metric with these: the end-of-run
+    verdict (learning, at chance, diverging), the warning when a task stays at chance, the plots'
+    chance lines.
+    """
+
+    loss: float
+    metric: str | None = None
+    value: float | None = None
+    higher_is_better: bool = True
+
+
+def classification_chance(num_classes: int) -> Chance:
+    """Chance of a task that draws one of `num_classes` classes uniformly and scores it with
+    `classification_result`: loss ln K, accuracy 1 / K."""
+    return Chance(loss=math.log(num_classes), metric="accuracy", value=1.0 / num_classes)
+
+
 def classification_result(logits: torch.Tensor, target: torch.Tensor) -> TaskResult:
     """The cross-entropy of `logits` [B, K] against class indices `target` [B], with the top-1
     "accuracy" as its metric."""
@@ -316,6 +350,12 @@ class PretextTask(PluginObject):
         view = self.make_view(ctx, batch, generator)
         latents = ctx.encode(view.image, keep=view.keep)
         return self.loss(ctx, ctx.decode(latents, view.positions), view)
+
+    def chance(self, data: ImageSplit, batch_size: int) -> Chance | None:
+        """This task's chance level on `data` (a training split: its `info`, and its `labels` when it
+        has them) at `batch_size` samples a batch; None when the task has none (e.g. a
+        reconstruction): its verdict then comes from the trend of its loss."""
+        return None
 
     def predict(self, ctx: TaskContext, batch: dict) -> torch.Tensor:
         """Scores for the clean `batch` (the supervised task's class probabilities)."""

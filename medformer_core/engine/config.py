@@ -43,6 +43,7 @@ class RunConfig:
     picture_every: int = 100
     log_every: int = 10
     knn_every: int = 200  # steps between kNN evaluations on the labeled datasets' val splits; 0: off
+    chance_patience: int = 50  # warn when a task is still at chance after this many of its batches; 0: never
     tensorboard: bool = False
 
     def validate(self) -> "RunConfig":
@@ -50,6 +51,8 @@ class RunConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise UsageError(f"option '{name}' must be >= 1, got {getattr(self, name)}")
+        if self.chance_patience < 0:
+            raise UsageError(f"option 'chance_patience' must be >= 0 (0: never warn), got {self.chance_patience}")
         if self.knn_every < 0:
             raise UsageError(f"option 'knn_every' must be >= 0 (0 turns the kNN monitor off), got {self.knn_every}")
         if self.lr <= 0 or self.temperature <= 0:

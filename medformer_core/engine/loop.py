@@ -12,9 +12,9 @@ work (pictures, validation) and resumable state of their own.
 """
 
 import json
+import math
 import signal
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,14 +23,15 @@ from torch.nn.parallel import DistributedDataParallel
 
 from medformer_core.api.errors import TrainingError, UsageError
 from medformer_core.api.files import atomic_write
+from medformer_core.api.interfaces import Chance
 from medformer_core.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from medformer_core.engine.devices import resolve_device
 from medformer_core.engine.distributed import DistInfo, any_rank, init_distributed, shutdown_distributed
-from medformer_core.reporting.plots import plot_task_losses
-from medformer_core.reporting.progress import TrainingProgress
+from medformer_core.reporting.plots import plot_task_losses, read_metrics
+from medformer_core.reporting.progress import TrainingProgress, print_note
+from medformer_core.reporting.verdicts import AT_CHANCE, Verdict, Window, chance_record, read_history, verdict, verdicts
 
 METRICS_FILE = "metrics.jsonl"
-SUMMARY_BATCHES = 20  # the run summary averages each (task, dataset)'s first and last this many batches
 
 # One batch's outcome: its dataset and each task's loss and metrics, {task: {"loss": ..., "accuracy": ...}}.
 Outcome = tuple[str, dict[str, dict[str, float]]]
@@ -49,19 +50,19 @@ class LoopSettings:
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
     tensorboard: bool = False
+    chance_patience: int = 50  # warn when a (task, dataset) is still at chance after this many batches; 0: never
 
 
 @dataclass
 class RunSummary:
-    """What a finished (or interrupted) run did. `first` and `last`: {(task, dataset): {"loss": ...,
-    metric: ...}}, the means over the pair's first and last SUMMARY_BATCHES batches of this session."""
+    """What a finished (or interrupted) run did. `verdicts`: {(task, dataset): Verdict}, whether
+    each task learned on each dataset, judged on the whole logged history (a resumed run's too)."""
 
     run_dir: Path
     steps: int  # the step reached
     samples: int  # samples seen in this session (not before a resume)
     seconds: float
-    first: dict[tuple[str, str], dict[str, float]] = field(default_factory=dict)
-    last: dict[tuple[str, str], dict[str, float]] = field(default_factory=dict)
+    verdicts: dict[tuple[str, str], Verdict] = field(default_factory=dict)
     stopped_by: str | None = None
 
 
@@ -104,6 +105,11 @@ class MetricWindow:
         """{task: mean loss over the batches of every dataset}."""
         return {task: named["loss"] for task, named in self.overall().items()}
 
+    def batches(self) -> dict[str, dict[str, int]]:
+        """{task: {dataset: batches since the last log line}}."""
+        return {task: {dataset: named["loss"][1] for dataset, named in sorted(datasets.items())}
+                for task, datasets in sorted(self.sums.items())}
+
     def clear(self) -> None:
         self.sums.clear()
 
@@ -112,33 +118,6 @@ class MetricWindow:
 
     def load_state_dict(self, state: dict) -> None:
         self.sums = state["sums"]
-
-
-class FirstLast:
-    """Each (task, dataset)'s first and last `size` batches, for the run summary."""
-
-    def __init__(self, size: int = SUMMARY_BATCHES):
-        self.size = size
-        self.first: dict[tuple[str, str], list[dict[str, float]]] = {}
-        self.last: dict[tuple[str, str], deque] = {}
-
-    def add(self, outcome: Outcome) -> None:
-        dataset, values = outcome
-        for task, named in values.items():
-            first = self.first.setdefault((task, dataset), [])
-            if len(first) < self.size:
-                first.append(named)
-            self.last.setdefault((task, dataset), deque(maxlen=self.size)).append(named)
-
-    @staticmethod
-    def means(batches: dict) -> dict[tuple[str, str], dict[str, float]]:
-        """{(task, dataset): {name: mean over its batches}} (each name over the batches that have it)."""
-        means = {}
-        for key, rows in sorted(batches.items()):
-            names = dict.fromkeys(name for row in rows for name in row)
-            means[key] = {name: sum(row[name] for row in rows if name in row) / sum(name in row for row in rows)
-                          for name in names}
-        return means
 
 
 def step_losses(outcomes: list[Outcome]) -> dict[str, float]:
@@ -226,9 +205,24 @@ class Engine:
         self.step = 0
         self.samples = 0
         self.window = MetricWindow()
+        self.chance = self.chance_levels()
+        self.task_history: dict[tuple[str, str], list[Window]] = {}
+        self.warned: set[tuple[str, str]] = set()
         if self.resume:
             self._restore()
+            if self.dist.is_main:
+                self.task_history = read_history(read_metrics(self.run_dir / METRICS_FILE))[0]
         self.writer = self._tensorboard() if self.dist.is_main else None
+
+    def chance_levels(self) -> dict[tuple[str, str], Chance]:
+        """Each (task, dataset)'s chance level on its training split, where the task declares one."""
+        levels = {}
+        for dataset, split in self.splits.items():
+            for task in self.model.tasks_for(dataset):
+                level = task.chance(split, self.sampler.batch_size)
+                if level is not None:
+                    levels[task.name, dataset] = level
+        return levels
 
     def _check_run_dir(self) -> None:
         has_checkpoint = latest_checkpoint(self.checkpoint_root) is not None
@@ -367,8 +361,10 @@ class Engine:
 
     def _loop(self) -> RunSummary:
         settings = self.settings
-        window, summary = self.window, FirstLast()
+        window = self.window
         self.metrics_file = (self.run_dir / METRICS_FILE).open("a") if self.dist.is_main else None
+        if not self.resume:
+            self.write_record(chance_record(self.chance), {})
         progress = TrainingProgress(self.total_steps, self.step, disable=self.quiet or not self.dist.is_main)
         start, start_samples = time.perf_counter(), self.samples
         try:
@@ -378,7 +374,6 @@ class Engine:
                     outcomes = self.train_step()
                     for outcome in outcomes:
                         window.add(outcome)
-                        summary.add(outcome)
                     rate = (self.samples - start_samples) / max(1e-9, time.perf_counter() - start)
                     progress.update(self.step, window.losses(), rate)
                     if self.step % settings.log_every == 0 or self.step == self.total_steps:
@@ -396,13 +391,15 @@ class Engine:
                 self.metrics_file = None
         if self.dist.is_main:
             plot_task_losses(self.run_dir / METRICS_FILE, self.run_dir / "plots")
+        judged = verdicts(self.task_history, self.chance, self.sampler.batch_size)
         return RunSummary(self.run_dir, self.step, self.samples - start_samples, time.perf_counter() - start,
-                          summary.means(summary.first), summary.means(summary.last), stopped_by=self.stop_requested)
+                          judged, stopped_by=self.stop_requested)
 
     def write_record(self, record: dict, scalars: dict[str, float]) -> None:
-        """Append `record` to metrics.jsonl and `scalars` to TensorBoard at this step (rank 0 only)."""
+        """Append `record` to metrics.jsonl (strict JSON: a non-finite number is written as null) and
+        `scalars` to TensorBoard at this step (rank 0 only)."""
         if self.metrics_file is not None:
-            self.metrics_file.write(json.dumps(record) + "\n")
+            self.metrics_file.write(json.dumps(finite_json(record), allow_nan=False) + "\n")
             self.metrics_file.flush()
         if self.writer is not None:
             for name, value in scalars.items():
@@ -422,6 +419,7 @@ class Engine:
                         if (metrics := {k: v for k, v in named.items() if k != "loss"})},
             "per_dataset": per_dataset,
             "weights": self.weighting.current_weights(),
+            "batches": self.window.batches(),
             "samples_per_s": rate,
             "step_seconds": step_seconds,
         }
@@ -431,6 +429,38 @@ class Engine:
             for dataset, values in per_dataset[task].items():
                 scalars.update({f"{name}/{task}/{dataset}": value for name, value in values.items()})
         self.write_record(record, scalars)
+        for pair, windows in read_history([record])[0].items():
+            self.task_history.setdefault(pair, []).extend(windows)
+        self._warn_at_chance()
+
+    def _warn_at_chance(self) -> None:
+        """Warn once per (task, dataset) still at chance after `chance_patience` of its batches."""
+        patience = self.settings.chance_patience
+        if not patience or not self.dist.is_main:
+            return
+        for pair, windows in self.task_history.items():
+            if pair in self.warned or pair not in self.chance or sum(w.batches for w in windows) < patience:
+                continue
+            self.warned.add(pair)
+            judged = verdict(windows, self.chance[pair], self.sampler.batch_size)
+            if judged.status == AT_CHANCE:
+                task, dataset = pair
+                text = (f"task '{task}' is still at chance on '{dataset}' after {sum(w.batches for w in windows)} "
+                        f"batches: {judged.detail()}, loss {judged.loss:.3g} (chance {judged.chance.loss:.3g})")
+                self.write_record({"step": self.step, "warning": text}, {})
+                if not self.quiet:
+                    print_note(f"warning: {text}. See 'When a task stays at chance' in docs/tasks.md.")
+
+
+def finite_json(value):
+    """`value` with every non-finite float (NaN, inf) replaced by None, so json.dumps writes strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: finite_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(item) for item in value]
+    return value
 
 
 def keep_records_until(path: Path, step: int) -> None:

@@ -118,6 +118,7 @@ class Trainer(Engine):
             seed=config.seed, device=config.device, accumulate=config.accumulate, grad_clip=config.grad_clip,
             augment=config.augment, log_every=config.log_every, checkpoint_every=config.checkpoint_every,
             keep_checkpoints=config.keep_checkpoints, tensorboard=config.tensorboard,
+            chance_patience=config.chance_patience,
         )
         super().__init__(run_dir, settings, resume=resume, quiet=quiet)
 

@@ -1,12 +1,17 @@
 """PNG plots from a run's metrics.jsonl (matplotlib, headless)."""
 
 import json
+import math
 from pathlib import Path
 
 import matplotlib
 
+from medformer_core.api.interfaces import Chance
+from medformer_core.reporting.verdicts import Window, as_float, read_history
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib import ticker  # noqa: E402
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -21,28 +26,58 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def plot_task_losses(metrics_path: Path, out_dir: Path) -> list[Path]:
-    """One PNG per task (loss against step; a line per dataset too when it runs on several), plus
-    `losses.png` with every task together."""
-    series: dict[str, tuple[list[int], list[float]]] = {}
-    per_dataset: dict[str, dict[str, tuple[list[int], list[float]]]] = {}
-    for record in read_metrics(metrics_path):
-        for task, loss in record.get("losses", {}).items():
-            steps, values = series.setdefault(task, ([], []))
-            steps.append(record["step"])
-            values.append(loss)
-        for task, datasets in record.get("per_dataset", {}).items():
-            for dataset, named in datasets.items():
-                steps, values = per_dataset.setdefault(task, {}).setdefault(dataset, ([], []))
-                steps.append(record["step"])
-                values.append(named["loss"])
+    """One PNG per task: its loss (left) and its metrics (right) against step, a line per dataset,
+    each with its chance level dashed; plus `losses.png` with every task's loss together."""
+    records = read_metrics(metrics_path)
+    windows, levels = read_history(records)
+    tasks = sorted({task for task, _ in windows})
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for task, (steps, values) in sorted(series.items()):
-        lines = {f"{task} (all)": (steps, values), **per_dataset[task]} if len(per_dataset.get(task, {})) > 1 else {}
-        written.append(_plot(lines or {task: (steps, values)}, f"{task} loss", out_dir / f"loss_{task}.png"))
-    if series:
-        written.append(_plot(series, "task losses", out_dir / "losses.png", log=True))
+    written = [_plot_task(task, {d: w for (t, d), w in windows.items() if t == task},
+                          {d: c for (t, d), c in levels.items() if t == task}, out_dir / f"loss_{task}.png")
+               for task in tasks]
+    overall: dict[str, tuple[list[int], list[float]]] = {}
+    for record in records:
+        for task, loss in record.get("losses", {}).items():
+            steps, values = overall.setdefault(task, ([], []))
+            steps.append(record["step"])
+            values.append(as_float(loss))
+    if overall:
+        written.append(_plot(overall, "task losses", out_dir / "losses.png", log=True))
     return written
+
+
+def _plot_task(task: str, windows: dict[str, list[Window]], levels: dict[str, Chance], path: Path) -> Path:
+    """loss_TASK.png: the loss per dataset beside the metrics per dataset, chance levels dashed."""
+    names = sorted({name for history in windows.values() for w in history for name in w.metrics})
+    fig, axes = plt.subplots(1, 2 if names else 1, figsize=(11 if names else 6, 4), dpi=100, squeeze=False)
+    loss_axis = axes[0][0]
+    for i, (dataset, history) in enumerate(sorted(windows.items())):
+        color = f"C{i}"
+        steps = [w.step for w in history]
+        loss_axis.plot(steps, [w.loss for w in history], color=color, marker="o" if len(steps) < 5 else None,
+                       label=dataset)
+        chance = levels.get(dataset)
+        if chance is not None:
+            loss_axis.axhline(chance.loss, color=color, linestyle="--", linewidth=1, label=f"{dataset} chance")
+        if names:
+            for j, name in enumerate(names):
+                points = [(w.step, w.metrics[name]) for w in history if name in w.metrics]
+                if points:
+                    axes[0][1].plot(*zip(*points), color=color, linestyle=("-", ":", "-.")[j % 3],
+                                    marker="o" if len(points) < 5 else None, label=f"{dataset} {name}")
+            if chance is not None and chance.metric in names:
+                axes[0][1].axhline(chance.value, color=color, linestyle="--", linewidth=1,
+                                   label=f"{dataset} chance {chance.metric}")
+    loss_axis.set(title=f"{task} loss", xlabel="step", ylabel="loss")
+    if names:
+        axes[0][1].set(title=f"{task} metrics", xlabel="step", ylabel=", ".join(names))
+    for ax in axes[0]:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 def plot_knn(metrics_path: Path, out_dir: Path) -> list[Path]:
@@ -54,7 +89,7 @@ def plot_knn(metrics_path: Path, out_dir: Path) -> list[Path]:
             for metric, value in scores.items():
                 steps, values = series.setdefault(f"{dataset} {metric}", ([], []))
                 steps.append(record["step"])
-                values.append(value)
+                values.append(as_float(value))
     if not series:
         return []
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -62,12 +97,17 @@ def plot_knn(metrics_path: Path, out_dir: Path) -> list[Path]:
 
 
 def _plot(series: dict, title: str, path: Path, log: bool = False, ylabel: str = "loss") -> Path:
+    """One line per series (points marked when there are few); a log axis only when `log` and the
+    values span more than a decade, its ticks in plain numbers."""
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     for label, (steps, values) in sorted(series.items()):
-        ax.plot(steps, values, label=label)
+        ax.plot(steps, values, label=label, marker="o" if len(steps) < 5 else None)
     ax.set(title=title, xlabel="step", ylabel=ylabel)
-    if log and all(v > 0 for _, values in series.values() for v in values):
+    finite = [v for _, values in series.values() for v in values if math.isfinite(v)]
+    if log and finite and min(finite) > 0 and max(finite) > 10 * min(finite):
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(ticker.NullFormatter())
     ax.grid(alpha=0.3)
     if len(series) > 1:
         ax.legend()
