@@ -24,4 +24,7 @@ def predict(
     if report.padded:
         err.print(f"Padded {len(report.padded)} scan(s) smaller than the model's window with zeros "
                   f"(the mask is cut back to the scan): {', '.join(report.padded)}", soft_wrap=True)
+    if report.non_finite:
+        err.print(f"warning: NaN or infinite voxels were left out of the intensity scaling and filled with the "
+                  f"lowest intensity: {', '.join(report.non_finite)}", soft_wrap=True)
     out.print(f"Wrote {len(report.written)} mask(s) and overlay previews to {out_dir}")

@@ -29,6 +29,9 @@ is 64 slices); one number is used for every axis.
     crops=4            crops per scan and epoch (samples per scan)
     workers=4          threads that prepare scans and read crops (default: min(4, CPU cores))
 
+Only regular files are read; a link to a file outside the folder is skipped (and listed) unless
+`follow_links=true`.
+
 Segmentation masks (see folder_masks): the Decathlon's `imagesTr/` + `labelsTr/`, `image.*`
 beside `label.*` (`mask.*`, `seg.*`) in one folder, or any file named in a `mask` column of the
 labels CSV (path,mask[,label][,split]). With masks, labeled splits hold the samples that
@@ -79,6 +82,7 @@ from medformer_plugins.folder_preprocess import (
     normalize,
     slices,
     to_uint8,
+    warn_non_finite,
 )
 from medformer_plugins.folder_readers import Sample, Scan, describe_error, find_samples, read_sample
 from medformer_plugins.folder_volumes import Preparation, default_workers, prepare_volumes
@@ -110,6 +114,7 @@ class Settings:
     foreground: float = 0.5
     crops: int = 4
     workers: int | None = None
+    follow_links: bool = False
 
     def __post_init__(self):
         if self.size is not None and self.size < 4:
@@ -328,14 +333,15 @@ class Folder(DatasetFactory):
             raise UsageError(f"{root} is not a directory", hint="the folder dataset reads a directory of scans")
         labels_path = self._labels_path(settings)
         memo = (str(root.resolve()), str(labels_path), settings.slices, settings.channels, settings.split_seed,
-                settings.val, settings.test, _tree_fingerprint(root))
+                settings.val, settings.test, settings.follow_links, _tree_fingerprint(root))
         if memo not in self._scans:
             self._scans[memo] = self._scan_uncached(settings, labels_path)
         return self._scans[memo]
 
     def _scan_uncached(self, settings: Settings, labels_path: Path | None) -> FolderScan:
         root = settings.root
-        samples, skipped = find_samples(root, ignore={labels_path} if labels_path else set())
+        samples, skipped = find_samples(root, ignore={labels_path} if labels_path else set(),
+                                        follow_links=settings.follow_links)
         table, split_column, unmatched, named_masks = read_labels(labels_path, {s.key for s in samples})
         samples, masks, unpaired = pair_masks(samples, named_masks)
         skipped += unpaired
@@ -433,6 +439,7 @@ class Folder(DatasetFactory):
         """Read, normalise, (slice), convert channels, fit: one sample -> list of ([C, *size] uint8,
         its mask [*size] uint8 or None)."""
         scan = read_sample(sample, settings.root)
+        warn_non_finite(scan, sample.key)
         array = normalize(scan, settings.intensity, settings.window, settings.percentiles)
         labels = None
         if mask is not None:  # one more channel, resampled alike but by nearest neighbour

@@ -10,6 +10,8 @@ Fit modes, in physical units (voxel spacing from the file): `pad` scales the lon
 shortest extent to `size` and crops the centre; `stretch` resizes each axis to `size`.
 """
 
+import logging
+
 import numpy as np
 import torch
 
@@ -23,29 +25,46 @@ PERCENTILE_SAMPLES = 1_000_000  # voxels used to estimate percentiles
 
 
 def normalize(scan: Scan, mode: str, window: tuple[float, float], percentiles: tuple[float, float]) -> np.ndarray:
-    """scan.array [C, *S] native -> [C, *S] float32 in [0, 1]."""
+    """scan.array [C, *S] native -> [C, *S] float32 in [0, 1]. NaN and infinite voxels take no part
+    in choosing the mode or the percentiles, and end at 0."""
     x = scan.array
+    finite = np.isfinite(x) if x.dtype.kind == "f" else None
+    if finite is not None and finite.all():
+        finite = None
     if mode == "auto":
-        mode = "ct" if scan.modality == "CT" or (scan.modality == "" and not scan.eight_bit and x.min() <= -900) \
+        lowest = x.min() if finite is None else np.min(x, where=finite, initial=np.inf)
+        mode = "ct" if scan.modality == "CT" or (scan.modality == "" and not scan.eight_bit and lowest <= -900) \
             else "none" if scan.eight_bit else "mr"
     if mode in ("ct", "none"):
         low, width = (window[0] - window[1] / 2, window[1]) if mode == "ct" else (0.0, 255.0)
         out = np.subtract(x, low, dtype=np.float32)  # one float32 copy, then in place: full-size CT fits
         out /= width
-        return np.clip(out, 0.0, 1.0, out=out)
-    low, high = percentiles if mode == "mr" else (0.0, 100.0)
-    out = np.empty_like(x, dtype=np.float32)
-    for c in range(x.shape[0]):
-        flat = x[c].reshape(-1)
-        sample = flat[:: max(1, flat.size // PERCENTILE_SAMPLES)]
-        lo, hi = np.percentile(sample, [low, high])
-        if hi > lo:
-            np.subtract(x[c], lo, out=out[c], dtype=np.float32)
-            out[c] /= hi - lo
-            np.clip(out[c], 0.0, 1.0, out=out[c])
-        else:
-            out[c] = 0.0
+        np.clip(out, 0.0, 1.0, out=out)
+    else:
+        low, high = percentiles if mode == "mr" else (0.0, 100.0)
+        out = np.empty_like(x, dtype=np.float32)
+        for c in range(x.shape[0]):
+            flat = x[c].reshape(-1)
+            sample = flat[:: max(1, flat.size // PERCENTILE_SAMPLES)]
+            sample = sample[np.isfinite(sample)] if finite is not None else sample
+            lo, hi = np.percentile(sample, [low, high]) if sample.size else (0.0, 0.0)
+            if hi > lo:
+                np.subtract(x[c], lo, out=out[c], dtype=np.float32)
+                out[c] /= hi - lo
+                np.clip(out[c], 0.0, 1.0, out=out[c])
+            else:
+                out[c] = 0.0
+    if finite is not None:
+        out[~finite] = 0.0
     return out
+
+
+def warn_non_finite(scan: Scan, key: str) -> None:
+    """One warning when the scan `key` holds NaN or infinite voxels (normalize sets them to 0)."""
+    bad = int(scan.array.size - np.count_nonzero(np.isfinite(scan.array))) if scan.array.dtype.kind == "f" else 0
+    if bad:
+        logging.getLogger("medformer.data").warning(
+            "%s: %d NaN or infinite voxel(s), left out of the intensity scaling and set to 0", key, bad)
 
 
 def slices(volume: np.ndarray, spacing: tuple[float, ...], axis: str) -> tuple[list[np.ndarray], tuple[float, float]]:

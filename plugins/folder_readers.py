@@ -59,18 +59,29 @@ def _import(module: str, extra: str, what: str, count: int, root: Path):
         raise missing_extra(module, extra, what, count, root) from None
 
 
-def find_samples(root: Path, ignore: set[Path] = frozenset()) -> tuple[list[Sample], list[tuple[str, str]]]:
+def find_samples(root: Path, ignore: set[Path] = frozenset(),
+                 follow_links: bool = False) -> tuple[list[Sample], list[tuple[str, str]]]:
     """All samples under `root` (sorted by key) and the files skipped, as (relative path, reason).
 
     Hidden files and common sidecars (.csv, .json, ...) are ignored silently; `ignore` lists more.
+    Only regular files are read (a named pipe or device would block or never end), and a link to a
+    file outside `root` only with `follow_links`.
     """
     nifti, images, dicom_files, skipped = [], [], [], []
+    inside = root.resolve()
     for folder, dirs, files in os.walk(root):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(files):
             path = Path(folder) / name
             suffix = path.suffix.lower()
             if name.startswith(".") or path in ignore or suffix in SIDECAR_SUFFIXES:
+                continue
+            if not path.is_file():
+                skipped.append((_rel(path, root), "not a regular file (a pipe, socket, device or broken link)"))
+                continue
+            if path.is_symlink() and not follow_links and inside not in path.resolve().parents:
+                skipped.append((_rel(path, root), f"a link to {path.resolve()}, outside the folder "
+                                                  "(pass follow_links=true to read it)"))
                 continue
             if name.lower().endswith((".nii", ".nii.gz")):
                 nifti.append(path)

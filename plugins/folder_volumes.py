@@ -25,7 +25,7 @@ import torch
 from medformer_core import MedformerError, Volume, atomic_write
 from medformer_core.api.resampling import grid_for_spacing, resample
 from medformer_plugins.folder_masks import check_mask
-from medformer_plugins.folder_preprocess import convert_channels, normalize, to_uint8
+from medformer_plugins.folder_preprocess import convert_channels, normalize, to_uint8, warn_non_finite
 from medformer_plugins.folder_readers import Sample, describe_error, read_sample
 from medformer_plugins.medmnist_files import cache_dir
 
@@ -102,6 +102,7 @@ def _prepared_arrays(sample: Sample, mask: Sample | None, root: Path, preparatio
                      classes: dict[int, str]) -> tuple[np.ndarray, np.ndarray | None]:
     """Read and prepare one scan: image [C, *S'] uint8 and mask [*S'] uint8 (or None) on the target grid."""
     scan = read_sample(sample, root)
+    warn_non_finite(scan, sample.key)
     image = convert_channels(normalize(scan, preparation.intensity, preparation.window, preparation.percentiles),
                              preparation.channels)  # [C, *S] float32 in [0, 1]
     labels = None

@@ -5,6 +5,7 @@ import logging
 import os
 import shutil
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -335,3 +336,40 @@ def test_settings_from_options_extra(tmp_path):
     assert data.images.shape == (2, 1, 10, 10)
     data = build(f"{tmp_path},size=6", extra={"size": 10, "val": 0, "test": 0})
     assert data.images.shape == (2, 1, 6, 6)  # the argument wins
+
+
+def test_a_named_pipe_in_the_folder_is_skipped_not_read(tmp_path):
+    _pictures(tmp_path, ["good1.png", "good2.png"])
+    os.mkfifo(tmp_path / "pipe")  # no extension: a DICOM candidate, whose preamble read would block forever
+    found: list = []
+    worker = threading.Thread(target=lambda: found.append(find_samples(tmp_path)), daemon=True)
+    worker.start()
+    worker.join(timeout=20)
+    assert found, "scanning the folder hung on the named pipe"
+    samples, skipped = found[0]
+    assert len(samples) == 2 and skipped == [("pipe", "not a regular file (a pipe, socket, device or broken link)")]
+
+
+def test_a_link_to_a_file_outside_the_folder_is_read_only_when_asked(tmp_path):
+    _pictures(tmp_path / "data", ["inside.png"])
+    _pictures(tmp_path / "elsewhere", ["a.png", "secret.png"])
+    (tmp_path / "data" / "outside.png").symlink_to(tmp_path / "elsewhere" / "secret.png")
+    (tmp_path / "data" / "sub").mkdir()
+    (tmp_path / "data" / "sub" / "again.png").symlink_to(tmp_path / "data" / "inside.png")  # inside: fine
+    samples, skipped = find_samples(tmp_path / "data")
+    assert sorted(s.key for s in samples) == ["inside.png", "sub/again.png"]
+    assert skipped[0][0] == "outside.png" and "follow_links=true" in skipped[0][1]
+    samples, skipped = find_samples(tmp_path / "data", follow_links=True)
+    assert len(samples) == 3 and not skipped
+    assert len(build(f"folder:{tmp_path / 'data'},size=8,val=0,test=0,follow_links=true")) == 3
+
+
+def test_nan_voxels_are_counted_and_the_rest_of_the_scan_kept(tmp_path, caplog):
+    volume = np.linspace(0, 300, 8 ** 3, dtype=np.float32).reshape(8, 8, 8)
+    volume[:, :, 2] = np.nan  # a whole slice
+    nibabel.save(nibabel.Nifti1Image(volume, np.eye(4)), tmp_path / "scan.nii.gz")
+    with caplog.at_level(logging.WARNING, logger="medformer.data"):
+        data = build(f"folder:{tmp_path},size=8,val=0,test=0,intensity=mr")
+    assert any("scan.nii.gz: 64 NaN or infinite voxel(s)" in r.getMessage() for r in caplog.records)
+    image = data.batch([0])["image"]
+    assert image.max() > 0.5 and np.isfinite(image.numpy()).all()

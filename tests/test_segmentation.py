@@ -3,6 +3,7 @@ phantoms end to end, and `medformer predict` writing NIfTI masks with the input'
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -161,3 +162,70 @@ def test_a_mask_lands_on_the_voxels_it_was_predicted_for(tmp_path, affine, spaci
     back = nib.load(written)
     np.testing.assert_array_equal(np.asarray(back.dataobj), voxels)
     np.testing.assert_array_equal(back.affine, nib.load(tmp_path / "scan.nii.gz").affine)
+
+
+def phantom_scan(path: Path, seed: int = 0, nan_voxel: bool = False) -> np.ndarray:
+    """A 12^3 NIfTI with a bright ball at `path` (optionally one NaN voxel); returns its voxels."""
+    nib = pytest.importorskip("nibabel")
+    grid = np.stack(np.meshgrid(*[np.arange(12)] * 3, indexing="ij"))
+    volume = (((grid - 6) ** 2).sum(0) < 12).astype(np.float32) * 800 + np.random.default_rng(seed).random((12,) * 3)
+    if nan_voxel:
+        volume[0, 0, 0] = np.nan
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), path)
+    return volume
+
+
+def test_predict_never_writes_over_its_input(tiny_run, tmp_path, run_cli):
+    scan = tmp_path / "same" / "p.nii.gz"
+    phantom_scan(scan)
+    before = scan.read_bytes()
+    for out in (tmp_path / "same", tmp_path / "same" / "masks"):
+        code, _, err = run_cli("predict", str(tiny_run), "--input", str(tmp_path / "same"), "--out", str(out))
+        assert code == 2 and "inside --input" in err and len(err.strip().splitlines()) == 1, err
+    code, _, err = run_cli("predict", str(tiny_run), "--input", str(scan), "--out", str(tmp_path / "same"))
+    assert code == 2 and "would overwrite the input" in err, err
+    assert scan.read_bytes() == before and sorted(p.name for p in scan.parent.iterdir()) == ["p.nii.gz"]
+
+
+def test_predict_keeps_every_mask_when_names_look_alike(tiny_run, tmp_path, run_cli):
+    scans = tmp_path / "scans"
+    for name in ("s1/a.nii.gz", "s2/a.nii.gz", "a.v2.nii.gz", "a.v3.nii"):
+        phantom_scan(scans / name)
+    code, out, err = run_cli("predict", str(tiny_run), "--input", str(scans), "--out", str(tmp_path / "masks"))
+    assert code == 0, err
+    masks = sorted(str(p.relative_to(tmp_path / "masks")) for p in (tmp_path / "masks").rglob("*.nii.gz"))
+    assert masks == ["a.v2.nii.gz", "a.v3.nii.gz", "s1/a.nii.gz", "s2/a.nii.gz"] and "Wrote 4 mask(s)" in out
+
+
+def test_predict_refuses_two_scans_that_would_share_a_mask(tiny_run, tmp_path, run_cli):
+    for name in ("a.nii", "a.nii.gz"):
+        phantom_scan(tmp_path / "scans" / name)
+    code, _, err = run_cli("predict", str(tiny_run), "--input", str(tmp_path / "scans"), "--out", str(tmp_path / "m"))
+    assert code == 2 and "would both write the mask 'a'" in err
+    assert not (tmp_path / "m").exists()
+
+
+def test_one_nan_voxel_does_not_empty_the_scan(tiny_run, tmp_path, run_cli):
+    nib = pytest.importorskip("nibabel")
+    phantom_scan(tmp_path / "clean" / "p.nii.gz")
+    phantom_scan(tmp_path / "nan" / "p.nii.gz", nan_voxel=True)
+    masks = {}
+    for name in ("clean", "nan"):
+        code, _, err = run_cli("predict", str(tiny_run), "--input", str(tmp_path / name), "--out",
+                               str(tmp_path / f"{name}-masks"))
+        assert code == 0, err
+        assert ("1 voxel(s)" in err) == (name == "nan")
+        masks[name] = np.asarray(nib.load(tmp_path / f"{name}-masks" / "p.nii.gz").dataobj)
+    assert (masks["nan"] != masks["clean"]).mean() < 0.01  # the same mask, give or take the filled voxel
+
+
+def test_intensity_scaling_leaves_non_finite_voxels_out():
+    from medformer_core.api.interfaces import DatasetFactory
+
+    clean = np.linspace(0, 500, 1000, dtype=np.float32).reshape(1, 10, 10, 10)
+    dirty = clean.copy()
+    dirty[0, 0, 0, :3] = [np.nan, np.inf, -np.inf]
+    scaled = DatasetFactory.scale_intensities(None, dirty, None)
+    assert np.isfinite(scaled).all() and (scaled[0, 0, 0, :3] == 0).all()
+    assert np.allclose(scaled[0, 5:], DatasetFactory.scale_intensities(None, clean, None)[0, 5:], atol=0.01)

@@ -34,6 +34,40 @@ COLOURS = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200],
 class PredictReport:
     written: list[Path] = field(default_factory=list)  # the masks
     padded: list[str] = field(default_factory=list)  # inputs smaller than the window (zero-padded)
+    non_finite: list[str] = field(default_factory=list)  # inputs with NaN/inf voxels (filled), and how many
+
+
+def scan_stem(path: Path) -> str:
+    """The name of a scan without its format's suffix: "a.v2.nii.gz" -> "a.v2", "p.png" -> "p"."""
+    lower = path.name.lower()
+    suffix = next((s for s in (".nii.gz", *NIFTI_SUFFIXES, *PICTURE_SUFFIXES) if lower.endswith(s)), "")
+    return path.name[:len(path.name) - len(suffix)]
+
+
+def output_names(files: list[Path], inputs: Path, out_dir: Path) -> dict[Path, str]:
+    """Each input's mask name under `out_dir` (its stem, under its sub-folder of `inputs`). Raises a
+    UsageError before anything is written when two inputs would share a mask, or when a mask or
+    preview would land on an input or inside the scanned folder."""
+    root = inputs if inputs.is_dir() else inputs.parent
+    names = {path: str(path.parent.relative_to(root) / scan_stem(path)) if inputs.is_dir() else scan_stem(path)
+             for path in files}
+    seen: dict[str, Path] = {}
+    for path, name in names.items():
+        if name in seen:
+            raise UsageError(f"--input holds {seen[name]} and {path}, which would both write the mask '{name}'",
+                             hint="rename one of them, or predict them into different --out folders")
+        seen[name] = path
+    resolved_out = out_dir.resolve()
+    if inputs.is_dir() and (resolved_out == inputs.resolve() or inputs.resolve() in resolved_out.parents):
+        raise UsageError(f"--out {out_dir} is inside --input {inputs}: the masks would overwrite or mix with the scans",
+                         hint="choose an --out folder outside the scans")
+    inputs_resolved = {path.resolve() for path in files}
+    for name in names.values():
+        for written in (out_dir / f"{name}.nii.gz", out_dir / f"{name}.png", out_dir / f"{name}_overlay.png"):
+            if written.resolve() in inputs_resolved:
+                raise UsageError(f"predicting would overwrite the input {written}",
+                                 hint="choose another --out folder")
+    return names
 
 
 def find_inputs(path: Path) -> list[Path]:
@@ -58,6 +92,7 @@ def predict_run(run_dir: Path, inputs: Path, out_dir: Path, overlap: float = 0.5
     target = resolve_device(device)
     model = load_finetuned(run_dir, info, config).to(target).eval()
     files = find_inputs(inputs)
+    names = output_names(files, inputs, out_dir)
     report = PredictReport()
 
     def probabilities(windows: torch.Tensor) -> torch.Tensor:  # [B, C, *W] -> [B, K, *W]
@@ -69,13 +104,17 @@ def predict_run(run_dir: Path, inputs: Path, out_dir: Path, overlap: float = 0.5
         if scan.array.shape[0] != info.channels:
             raise DataError(f"{path}: {scan.array.shape[0]} channel(s), the model takes {info.channels}",
                             hint="give scans of the modality the model was fine-tuned on")
+        bad = int(np.size(scan.array) - np.isfinite(scan.array).sum()) if scan.array.dtype.kind == "f" else 0
+        if bad:
+            report.non_finite.append(f"{path.name} ({bad} voxel(s))")
         image = torch.from_numpy(factory.scale_intensities(scan.array, options))  # [C, *S] in [0, 1]
         grid = grid_for_spacing(image.shape[1:], scan.spacing, info.spacing)
         if any(s < w for s, w in zip(grid, info.size)):
             report.padded.append(f"{path.name} {'x'.join(map(str, grid))}")
         scores = sliding_window(resample(image, grid), probabilities, tuple(info.size), overlap, batch_size)
         mask = resample(scores, tuple(image.shape[1:])).argmax(0).numpy()  # [*S]
-        name = path.name.split(".")[0]
+        name = names[path]
+        (out_dir / name).parent.mkdir(parents=True, exist_ok=True)
         report.written.append(scan.write_mask(mask.astype(np.uint8), out_dir, name))
         write_overlay(image.numpy(), mask, out_dir / f"{name}_overlay.png")
     return report
