@@ -17,6 +17,35 @@ from medformer_core.engine.trainer import Trainer
 from medformer_core.reporting.verdicts import DIVERGING, LEARNING
 
 VERDICT_STYLES = {LEARNING: "green", DIVERGING: "red"}  # the rest (at chance, flat, too short) yellow
+# What --resume may change; anything else would make the checkpoint continue another run.
+RESUMABLE_TRAIN = {"steps", "epochs", "device", "data_root", "knn_every", "tensorboard", "checkpoint_every",
+                   "chance_patience"}
+RESUMABLE_FINETUNE = {"epochs", "device", "data_root", "tensorboard"}
+
+
+def check_resume_keeps(saved, given: dict, out_dir: Path, resumable: set[str]) -> None:
+    """Refuse --resume options that would change how the run in `out_dir` was made (before anything
+    is written): `saved` is its config, `given` the options passed (None: not passed)."""
+    changed = [name for name, value in given.items()
+               if value is not None and name not in resumable and not _same(value, getattr(saved, name))]
+    if changed:
+        listed = ", ".join(f"--{name.replace('_', '-')} ({_text(given[name])}; the run has "
+                           f"{_text(getattr(saved, name))})" for name in changed)
+        raise UsageError(f"--resume continues {out_dir} as it was made, but {listed}",
+                         hint="drop those options to continue the run, or start a new run with another --out")
+
+
+def _same(given, saved) -> bool:
+    """Whether a value given on the command line equals the run's (text against typed values too)."""
+    return given == saved or _text(given) == _text(saved)
+
+
+def _text(value) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_text(v)}" for k, v in sorted(value.items()))
+    if isinstance(value, (list, tuple)):
+        return ", ".join(map(_text, value))
+    return str(value).lower()
 
 
 def _toml_values(pairs: dict[str, str]) -> dict:
@@ -101,6 +130,8 @@ def train(
         "device": device, "knn_every": knn_every, "tensorboard": tensorboard,
         "checkpoint_every": checkpoint_every, "chance_patience": chance_patience,
     }
+    if resume and (out_dir / "config.toml").is_file():
+        check_resume_keeps(load_config(out_dir / "config.toml", {}), overrides, out_dir, RESUMABLE_TRAIN)
     try:
         run_config = load_config(config, overrides)
     except ValueError as exc:
@@ -196,7 +227,9 @@ def finetune(
     if resume:
         if out_dir is None:
             raise UsageError("--resume needs --out DIR, the fine-tune to continue")
-        config = replace(read_finetune_config(out_dir / "finetune.toml"), **given)
+        saved = read_finetune_config(out_dir / "finetune.toml")
+        check_resume_keeps(saved, given, out_dir, RESUMABLE_FINETUNE)
+        config = replace(saved, **given)
     elif dataset is None:
         raise UsageError("--dataset is required",
                          hint="e.g. --dataset retinamnist; or --resume --out RUN to continue a fine-tune")

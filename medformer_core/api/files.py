@@ -25,6 +25,21 @@ def atomic_write(path: Path) -> Iterator[Path]:
         _remove(temp)
 
 
+def clean_interrupted_writes(folder: Path) -> None:
+    """Tidy what killed `atomic_write`s left in `folder`: a folder caught between its two renames is
+    put back, temporary copies are removed. Only while no other process writes there."""
+    if not folder.is_dir():
+        return
+    for entry in folder.iterdir():
+        if not entry.name.startswith("."):
+            continue
+        base, old, _ = entry.name[1:].rpartition(".old-")
+        if old and not (folder / base).exists():
+            os.rename(entry, folder / base)
+        elif old or ".tmp-" in entry.name:
+            _remove(entry)
+
+
 def _sync(path: Path) -> None:
     files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
     for file in files:

@@ -11,6 +11,7 @@ fine-tuning): `build()` makes the model, data, sampler and optimizer, and a few 
 work (pictures, validation) and resumable state of their own.
 """
 
+import fcntl
 import json
 import math
 import signal
@@ -22,7 +23,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from medformer_core.api.errors import TrainingError, UsageError
-from medformer_core.api.files import atomic_write
+from medformer_core.api.files import atomic_write, clean_interrupted_writes
 from medformer_core.api.interfaces import Chance
 from medformer_core.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from medformer_core.engine.devices import resolve_device
@@ -32,6 +33,11 @@ from medformer_core.reporting.progress import TrainingProgress, print_note
 from medformer_core.reporting.verdicts import AT_CHANCE, Verdict, Window, chance_record, read_history, verdict, verdicts
 
 METRICS_FILE = "metrics.jsonl"
+LOCK_FILE = ".lock"  # held (fcntl) by the run writing the directory
+# What a run directory may hold (a new run may reuse a folder holding only these, e.g. of a run that
+# failed before its first checkpoint; anything else means the folder is not a run's).
+RUN_FILES = {LOCK_FILE, METRICS_FILE, "config.toml", "finetune.toml", "checkpoints", "encoder", "plots", "pictures",
+             "tensorboard", "model.safetensors", "results.json", "seconds.json"}
 
 # One batch's outcome: its dataset and each task's loss and metrics, {task: {"loss": ..., "accuracy": ...}}.
 Outcome = tuple[str, dict[str, dict[str, float]]]
@@ -154,6 +160,7 @@ class Engine:
         self.stop_requested: str | None = None
         self.metrics_file = None
         self.writer = None
+        self.lock = None  # the open lock file while this run writes its directory
 
     # -- what a run supplies --------------------------------------------------------------------
 
@@ -187,8 +194,10 @@ class Engine:
     # -- set-up ---------------------------------------------------------------------------------
 
     def setup(self) -> None:
-        """Resolve the device, join DDP, check the run directory, build the run, and restore its
-        last checkpoint when resuming."""
+        """Resolve the device, join DDP, check the run directory, build the run, take the run
+        directory, and restore its last checkpoint when resuming. Nothing is written into the run
+        directory before every check has passed (a failed start leaves no folder, a failed resume
+        leaves the run as it was)."""
         settings = self.settings
         self.device = resolve_device(settings.device)
         self.dist: DistInfo = init_distributed(self.device.type)
@@ -208,10 +217,16 @@ class Engine:
         self.chance = self.chance_levels()
         self.task_history: dict[tuple[str, str], list[Window]] = {}
         self.warned: set[tuple[str, str]] = set()
+        if self.dist.is_main:
+            self._take_run_dir()
         if self.resume:
             self._restore()
             if self.dist.is_main:
                 self.task_history = read_history(read_metrics(self.run_dir / METRICS_FILE))[0]
+        elif self.dist.is_main:
+            (self.run_dir / METRICS_FILE).unlink(missing_ok=True)  # from a run killed before any checkpoint
+        if self.dist.is_main:
+            self.save_config()
         self.writer = self._tensorboard() if self.dist.is_main else None
 
     def chance_levels(self) -> dict[tuple[str, str], Chance]:
@@ -225,6 +240,7 @@ class Engine:
         return levels
 
     def _check_run_dir(self) -> None:
+        """Refuse a run directory this run must not write into; writes nothing."""
         has_checkpoint = latest_checkpoint(self.checkpoint_root) is not None
         if self.resume and not has_checkpoint:
             raise UsageError(f"--resume: no checkpoint in {self.checkpoint_root}",
@@ -232,11 +248,33 @@ class Engine:
         if not self.resume and has_checkpoint:
             raise UsageError(f"run directory {self.run_dir} already holds checkpoints",
                              hint="pass --resume to continue it, or choose another --out")
-        if self.dist.is_main:
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise UsageError(f"--out {self.run_dir} is a file", hint="choose a folder for the run")
+        if self.run_dir.is_dir() and not self.resume:
+            foreign = sorted(p.name for p in self.run_dir.iterdir()
+                             if p.name not in RUN_FILES and not p.name.startswith((".", "eval_")))
+            if foreign:
+                raise UsageError(f"--out {self.run_dir} is a folder that is not a medformer run (it holds "
+                                 f"{', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''})",
+                                 hint="choose a new or empty folder for the run")
+
+    def _take_run_dir(self) -> None:
+        """Make the run directory, lock it for this process (a second run on it is refused) and tidy
+        what a killed run left there (rank 0)."""
+        try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            if not self.resume:
-                (self.run_dir / METRICS_FILE).unlink(missing_ok=True)  # from a run killed before any checkpoint
-            self.save_config()
+            self.lock = (self.run_dir / LOCK_FILE).open("a")
+        except OSError as exc:
+            raise UsageError(f"cannot write the run directory {self.run_dir}: {exc.strerror}",
+                             hint="choose a folder you can write to with --out") from None
+        try:
+            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.lock.close()
+            raise UsageError(f"run directory {self.run_dir} is in use by another medformer run",
+                             hint="wait for it to finish, or choose another --out") from None
+        clean_interrupted_writes(self.run_dir)
+        clean_interrupted_writes(self.checkpoint_root)
 
     def _tensorboard(self):
         if not self.settings.tensorboard:
@@ -348,16 +386,22 @@ class Engine:
         self.stop_requested = signal.Signals(signum).name
 
     def run(self) -> RunSummary:
-        self.setup()
-        previous = {s: signal.signal(s, self._handle_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
-            return self._loop()
+            self.setup()
+            previous = {s: signal.signal(s, self._handle_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                return self._loop()
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
             if self.writer is not None:
                 self.writer.close()
-            shutdown_distributed(self.dist)
+            if self.lock is not None:
+                self.lock.close()
+                self.lock = None
+            if hasattr(self, "dist"):
+                shutdown_distributed(self.dist)
 
     def _loop(self) -> RunSummary:
         settings = self.settings

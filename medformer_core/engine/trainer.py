@@ -136,9 +136,7 @@ class Trainer(Engine):
                 print_note(note)
         check_tasks_accept(tasks, infos)
         self.tasks = tasks
-        self.config = config = resolved_config(config, tasks)
-        if self.dist.is_main:
-            self.save_config()  # again, now naming the chosen tasks and their typed options (read by --resume)
+        self.config = config = resolved_config(config, tasks)  # the engine writes it: the chosen tasks, typed options
         self.model: MultitaskModel = build_model(config.model, infos, self.tasks,
                                                  **config.model_options).to(self.device)
         self.weighting = make_weighting(config.weighting, {t.name: t.weight for t in self.tasks}).to(self.device)
