@@ -1,7 +1,10 @@
 """Run configuration: defaults, then a TOML file, then command-line options; written back resolved."""
 
+import math
 import tomllib
-from dataclasses import asdict, dataclass, field, fields
+import types
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import tomli_w
@@ -47,6 +50,15 @@ class RunConfig:
     tensorboard: bool = False
 
     def validate(self) -> "RunConfig":
+        self._check_types()
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise UsageError(f"option 'min_lr_ratio' must be in [0, 1], got {self.min_lr_ratio}",
+                             hint="the final learning rate as a share of --lr, e.g. 0.01")
+        for name in ("warmup_steps", "grad_clip", "weight_decay", "seed"):
+            if getattr(self, name) < 0:
+                raise UsageError(f"option '{name}' must be >= 0, got {getattr(self, name)}")
+        if self.keep_checkpoints < 1:
+            raise UsageError(f"option 'keep_checkpoints' must be >= 1, got {self.keep_checkpoints}")
         positive = ("steps", "batch_size", "accumulate", "checkpoint_every", "picture_every", "log_every")
         for name in positive:
             if getattr(self, name) < 1:
@@ -64,6 +76,36 @@ class RunConfig:
         if not self.datasets:
             raise UsageError("no dataset selected", hint="pass --dataset NAME (see `medformer datasets list`)")
         return self
+
+
+    def _check_types(self) -> None:
+        """Each value has its field's type (a number written as text, 1.5 for a count, NaN or an
+        infinite number, "no" for a switch are refused in one line naming the option)."""
+        for f in fields(self):
+            value, kind = getattr(self, f.name), f.type
+            members = [m for m in typing.get_args(kind) if m is not type(None)] \
+                if isinstance(kind, types.UnionType) else [kind]
+            if value is None and len(members) < len(typing.get_args(kind)):
+                continue
+            base = (typing.get_origin(members[0]) or members[0]).__name__
+            checks = {
+                "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+                "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+                "bool": lambda v: isinstance(v, bool),
+                "str": lambda v: isinstance(v, str),
+                "list": lambda v: isinstance(v, list) and all(isinstance(item, str) for item in v),
+                "dict": lambda v: isinstance(v, dict),
+            }
+            if base in checks and not checks[base](value):
+                wanted = {"int": "a whole number", "float": "a finite number", "bool": "true or false",
+                          "str": "text", "list": "a list of names", "dict": "a table"}[base]
+                raise UsageError(f"option '{f.name}' must be {wanted}, got {value!r}",
+                                 hint=None if f.default is MISSING else f"the default is {_text(f.default)}")
+
+
+def _text(value) -> str:
+    """A default as a config file writes it (true, 0.001, none)."""
+    return "none" if value is None else str(value).lower() if isinstance(value, bool) else repr(value)
 
 
 def load_config(path: Path | None, overrides: dict) -> RunConfig:
