@@ -10,6 +10,7 @@ from rich.table import Table
 
 from medformer_cli.console import err, out
 from medformer_core.api.errors import RunStopped, UsageError
+from medformer_core.api.interfaces import option_text
 from medformer_core.api.options import split_pairs
 from medformer_core.engine.config import RunConfig, load_config
 from medformer_core.engine.loop import RunSummary
@@ -41,11 +42,12 @@ def _same(given, saved) -> bool:
 
 
 def _text(value) -> str:
+    """A value as the command line writes it (tables as key=value lists)."""
     if isinstance(value, dict):
         return ", ".join(f"{k}={_text(v)}" for k, v in sorted(value.items()))
-    if isinstance(value, (list, tuple)):
+    if isinstance(value, list):
         return ", ".join(map(_text, value))
-    return str(value).lower()
+    return option_text(value)
 
 
 def _toml_values(pairs: dict[str, str]) -> dict:

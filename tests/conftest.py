@@ -12,6 +12,7 @@ import torch  # noqa: E402
 
 from medformer_core.api import plugins  # noqa: E402
 from medformer_core.api.data import DatasetInfo, DatasetOptions  # noqa: E402
+from medformer_core.api.hookspecs import hookimpl  # noqa: E402
 from medformer_core.api.interfaces import PretextTask  # noqa: E402
 from medformer_core.engine.builders import build_model  # noqa: E402
 from medformer_core.engine.schedule import warmup_cosine  # noqa: E402
@@ -30,6 +31,28 @@ def fresh_plugins(monkeypatch):
     plugins.reset()
     yield monkeypatch
     plugins.reset()
+
+
+@pytest.fixture
+def register_task(fresh_plugins):
+    """register_task(task): register `task` through the hooks, as an installed plugin would, for
+    one test."""
+    pm, _, _ = plugins.plugin_manager()
+    names = []
+
+    def register(task: PretextTask) -> None:
+        class Plugin:
+            @hookimpl
+            def register_pretext_tasks(self, register):
+                register(task)
+
+        names.append(f"{task.name}-plugin")
+        pm.register(Plugin(), name=names[-1])
+        plugins.registries.cache_clear()
+
+    yield register
+    for name in names:
+        pm.unregister(name=name)
 
 
 @pytest.fixture

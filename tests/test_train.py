@@ -14,8 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from medformer_core import hookimpl
-from medformer_core.api.plugins import plugin_manager, registries
 from medformer_plugins.task_rotation import Rotation
 
 TINY_MODEL = ["--model-option", "embed_dim=32", "--model-option", "depth=1", "--model-option", "heads=2",
@@ -153,17 +151,8 @@ class NaNAfterTwoCalls(Rotation):
 
 
 @pytest.fixture
-def nan_task(fresh_plugins):
-    class Plugin:
-        @hookimpl
-        def register_pretext_tasks(self, register):
-            register(NaNAfterTwoCalls())
-
-    pm, _, _ = plugin_manager()
-    pm.register(Plugin(), name="nan-plugin")
-    registries.cache_clear()
-    yield
-    pm.unregister(name="nan-plugin")
+def nan_task(register_task):
+    register_task(NaNAfterTwoCalls())
 
 
 def test_nan_loss_stops_with_task_and_step_and_keeps_the_checkpoint(tmp_path, run_cli, nan_task):

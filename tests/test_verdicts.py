@@ -10,10 +10,10 @@ import math
 import numpy as np
 import pytest
 
-from medformer_core import Chance, OutputSpec, PretextTask, View, classification_chance, classification_result, hookimpl
+from medformer_core import Chance, OutputSpec, PretextTask, View, classification_chance, classification_result
 from medformer_core.api.data import ImageSplit
 from medformer_core.api.draws import integers
-from medformer_core.api.plugins import plugin_manager, registries
+from medformer_core.api.plugins import registries
 from medformer_core.reporting.verdicts import (
     AT_CHANCE,
     DIVERGING,
@@ -155,17 +155,8 @@ class CoinFlip(PretextTask):
 
 
 @pytest.fixture
-def coin_flip_task(fresh_plugins):
-    class Plugin:
-        @hookimpl
-        def register_pretext_tasks(self, register):
-            register(CoinFlip())
-
-    pm, _, _ = plugin_manager()
-    pm.register(Plugin(), name="coin-flip-plugin")
-    registries.cache_clear()
-    yield
-    pm.unregister(name="coin-flip-plugin")
+def coin_flip_task(register_task):
+    register_task(CoinFlip())
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ from pathlib import Path
 import tomli_w
 
 from medformer_core.api.errors import UsageError
+from medformer_core.api.interfaces import option_text
 from medformer_core.api.lookup import unknown_name
 
 DEFAULT_TASKS = ("mae", "mae3d", "rotation", "contrastive")
@@ -100,12 +101,7 @@ class RunConfig:
                 wanted = {"int": "a whole number", "float": "a finite number", "bool": "true or false",
                           "str": "text", "list": "a list of names", "dict": "a table"}[base]
                 raise UsageError(f"option '{f.name}' must be {wanted}, got {value!r}",
-                                 hint=None if f.default is MISSING else f"the default is {_text(f.default)}")
-
-
-def _text(value) -> str:
-    """A default as a config file writes it (true, 0.001, none)."""
-    return "none" if value is None else str(value).lower() if isinstance(value, bool) else repr(value)
+                                 hint=None if f.default is MISSING else f"the default is {option_text(f.default)}")
 
 
 def load_config(path: Path | None, overrides: dict) -> RunConfig:
